@@ -1,0 +1,204 @@
+"""Adapter layers that wrap a frozen ``nn.Linear``.
+
+* ``LoRALinear``        y = W x + (alpha/r) * B A x                        (lora_seq, clora)
+* ``MaskedLoRALinear``  y = W x + (alpha/r) * (M * (B A)) x,  M = 1[G > 0] (STAMINA)
+  with the mask generator ``G = phi(P) Q + b`` (a low-rank MLP) and the straight-through gradient
+  of ``sigmoid(s * G)``.
+
+Both keep the wrapped layer as ``.base`` so folding can put the very same module back: after a fold
+the model has the base architecture, the same state-dict keys and the same parameter count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+_ACTS = {
+    "gelu": F.gelu,
+    "identity": lambda x: x,
+    "relu": F.relu,
+    "tanh": torch.tanh,
+}
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus a low-rank update ``(alpha / r) * B A`` (B starts at zero)."""
+
+    kind = "lora"
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, name: str = "", generator: torch.Generator | None = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ConfigError(f"adapter target {name or '<layer>'}: expected nn.Linear, got {type(base).__name__}")
+        out_f, in_f = base.weight.shape
+        if rank > min(in_f, out_f):
+            raise ConfigError(
+                f"adapter.rank: {rank} exceeds min(in, out) = {min(in_f, out_f)} of layer {name or '<layer>'} "
+                f"({out_f}x{in_f}); lower the rank"
+            )
+        self.base = base
+        self.name = name
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / rank
+        self.folded = False
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        dev = base.weight.device
+        # Adapter factors are always fp32 (the base may be fp16/bf16).
+        self.lora_A = nn.Parameter(torch.empty(rank, in_f, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, rank, device=dev, dtype=torch.float32))
+        _kaiming_uniform_(self.lora_A, generator)
+
+    # -- the update -------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update that folding adds to W (fp32, out x in)."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        h = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y + (self.scaling * h).to(y.dtype)
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def mask_parameters(self) -> dict[str, nn.Parameter]:
+        return {}
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, rank={self.rank}, alpha={self.alpha}"
+
+
+class MaskGenerator(nn.Module):
+    """Low-rank MLP producing mask logits ``G = phi(P) Q + b`` of shape (out, in)."""
+
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        rank: int,
+        activation: str = "gelu",
+        init_open: float = 0.95,
+        init_scale: float = 0.02,
+        temperature: float = 1.0,
+        device=None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if activation not in _ACTS:
+            raise ConfigError(f"mask.activation: unknown {activation!r}; choose from {sorted(_ACTS)}")
+        self.activation = activation
+        self.P = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=torch.float32))
+        self.Q = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=torch.float32))
+        self.b = nn.Parameter(torch.empty(in_features, device=device, dtype=torch.float32))
+        with torch.no_grad():
+            self.P.copy_(torch.randn(self.P.shape, generator=generator) * init_scale)
+            self.Q.copy_(torch.randn(self.Q.shape, generator=generator) * init_scale)
+            # sigmoid(s * b) = init_open  ->  b = logit(init_open) / s
+            self.b.fill_(math.log(init_open / (1.0 - init_open)) / temperature)
+
+    def logits(self) -> torch.Tensor:
+        return _ACTS[self.activation](self.P) @ self.Q + self.b
+
+
+class _HardMaskST(torch.autograd.Function):
+    """Forward 1[G > 0]; backward the gradient of sigmoid(s * G) (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, G: torch.Tensor, s: float) -> torch.Tensor:  # noqa: D401
+        ctx.save_for_backward(G)
+        ctx.s = s
+        return (G > 0).to(G.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (G,) = ctx.saved_tensors
+        sig = torch.sigmoid(ctx.s * G)
+        return grad_out * ctx.s * sig * (1.0 - sig), None
+
+
+def hard_mask(G: torch.Tensor, s: float) -> torch.Tensor:
+    """Binary mask with a straight-through sigmoid(s*G) gradient (exactly 0/1 in the forward pass)."""
+    return _HardMaskST.apply(G, float(s))
+
+
+class MaskedLoRALinear(LoRALinear):
+    """STAMINA's adapter: a LoRA update gated elementwise by a learned hard mask."""
+
+    kind = "masked_lora"
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        mask_rank: int,
+        activation: str = "gelu",
+        init_open: float = 0.95,
+        init_scale: float = 0.02,
+        temperature: float = 1.0,
+        name: str = "",
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__(base, rank, alpha, name=name, generator=generator)
+        out_f, in_f = base.weight.shape
+        if mask_rank > min(in_f, out_f):
+            raise ConfigError(
+                f"mask.rank: {mask_rank} exceeds min(in, out) = {min(in_f, out_f)} of layer {name or '<layer>'}"
+            )
+        self.mask_gen = MaskGenerator(
+            out_f, in_f, mask_rank, activation, init_open, init_scale, temperature, base.weight.device, generator
+        )
+        self.temperature = float(temperature)  # current s; the training loop updates it by schedule
+        self.force_open = False  # ablation/test switch: M = 1 everywhere
+
+    def mask_logits(self) -> torch.Tensor:
+        return self.mask_gen.logits()
+
+    def mask(self) -> torch.Tensor:
+        G = self.mask_logits()
+        if self.force_open:
+            return torch.ones_like(G)
+        return hard_mask(G, self.temperature)
+
+    def soft_mask(self) -> torch.Tensor:
+        """sigmoid(s * G): the differentiable surrogate used by the sparsity losses."""
+        return torch.sigmoid(self.temperature * self.mask_logits())
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.mask() * (self.lora_B @ self.lora_A))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        # The dense delta is formed once per forward (out x in); for attention projections this is
+        # cheaper than the convolutions around them (see bench/overhead.py).
+        d = self.delta_weight()
+        return y + F.linear(x.to(d.dtype), d).to(y.dtype)
+
+    def mask_parameters(self) -> dict[str, nn.Parameter]:
+        return {"mask_P": self.mask_gen.P, "mask_Q": self.mask_gen.Q, "mask_b": self.mask_gen.b}
+
+    @torch.no_grad()
+    def density(self) -> float:
+        if self.force_open:
+            return 1.0
+        return float((self.mask_logits() > 0).float().mean())
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", mask_rank={self.mask_gen.P.shape[1]}, act={self.mask_gen.activation}"
+
+
+def _kaiming_uniform_(t: torch.Tensor, generator: torch.Generator | None) -> None:
+    """Kaiming-uniform (a=sqrt(5)) as nn.Linear / peft use for A, drawn from ``generator``."""
+    fan_in = t.shape[1]
+    gain = math.sqrt(2.0 / (1 + 5.0))
+    bound = math.sqrt(3.0) * gain / math.sqrt(fan_in)
+    with torch.no_grad():
+        t.copy_(torch.rand(t.shape, generator=generator) * 2 * bound - bound)

@@ -1,0 +1,190 @@
+"""What a continual method is, and the per-concept state it attaches.
+
+A method = which adapter it attaches (masked LoRA, LoRA or none), which concept-token kind it uses by
+default, which extra loss it adds, and how it folds. ``MethodSpec`` holds exactly that; the shared
+``ConceptState`` does the bookkeeping (param groups, temperature schedule, fold, audit tensors) so
+that adding a method is one new module plus one ``register_method`` line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from ..adapters.layers import LoRALinear, MaskedLoRALinear
+from ..config import MethodConfig
+from ..errors import FoldError
+from ..fold import FoldReport, fold_adapters
+from ..inject import attach
+from ..tokens import ConceptEmbedding, add_concept_token, fold_token
+
+PenaltyFn = Callable[["ConceptState", int], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    adapter: Literal["masked_lora", "lora", "none"]
+    default_token_kind: Literal["mlp", "direct", "none"]
+    penalty: PenaltyFn | None = None
+    description: str = ""
+
+
+def count_params(*modules: nn.Module) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+@dataclass
+class ConceptState:
+    """Everything one concept adds on top of the frozen (folded) model, until it is folded."""
+
+    spec: MethodSpec
+    cfg: MethodConfig
+    unet: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    token: str | None
+    adapters: dict[str, LoRALinear] = field(default_factory=dict)
+    token_embedding: ConceptEmbedding | None = None
+    reference: dict[str, torch.Tensor] = field(default_factory=dict)  # W0 per adapted layer (fp32)
+    params_before: int = 0
+    folded: bool = False
+
+    # -- training-time API ------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        tc = self.cfg.train
+        groups = []
+        lora = [p for ad in self.adapters.values() for p in ad.adapter_parameters().values()]
+        mask = [p for ad in self.adapters.values() for p in ad.mask_parameters().values()]
+        if lora:
+            groups.append({"name": "adapter", "params": lora, "lr": tc.learning_rate, "weight_decay": tc.adam_weight_decay})
+        if mask:
+            groups.append({"name": "mask", "params": mask, "lr": self.cfg.mask.learning_rate, "weight_decay": 0.0})
+        if self.token_embedding is not None:
+            tok = list(self.token_embedding.source.parameters())
+            groups.append(
+                {"name": "token", "params": tok, "lr": self.cfg.resolved_token().learning_rate, "weight_decay": 0.0}
+            )
+        return groups
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for g in self.param_groups() for p in g["params"]]
+
+    def named_trainable(self) -> dict[str, torch.Tensor]:
+        """Stable names for every trainable tensor (checkpoints, adapter.safetensors)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, ad in self.adapters.items():
+            for k, p in {**ad.adapter_parameters(), **ad.mask_parameters()}.items():
+                out[f"unet.{name}.{k}"] = p
+        if self.token_embedding is not None:
+            for k, p in self.token_embedding.source.named_parameters():
+                out[f"token.{k}"] = p
+        return out
+
+    def masked_layers(self) -> list[MaskedLoRALinear]:
+        return [ad for ad in self.adapters.values() if isinstance(ad, MaskedLoRALinear)]
+
+    def temperature_at(self, step: int, total: int) -> float:
+        mc = self.cfg.mask
+        if mc.schedule == "constant":
+            return mc.temperature
+        frac = min(max(step / max(total - 1, 1), 0.0), 1.0)
+        lo = 1.0 / mc.s_max
+        return lo + (mc.s_max - lo) * frac
+
+    def set_progress(self, step: int, total: int) -> None:
+        s = self.temperature_at(step, total)
+        for ad in self.masked_layers():
+            ad.temperature = s
+
+    def penalty(self, step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+        if self.spec.penalty is None:
+            return None, {}
+        return self.spec.penalty(self, step)
+
+    # -- fold -------------------------------------------------------------------------------
+    def fold(self) -> FoldReport:
+        """Fold adapters and the token row into the weights; discard every adapter parameter."""
+        if self.folded:
+            raise FoldError("this concept is already folded; folding twice would apply its update twice")
+        report = FoldReport(params_before=self.params_before)
+        # Check the token row before touching any weight (all-or-nothing).
+        if self.token_embedding is not None:
+            with torch.no_grad():
+                row = self.token_embedding.source()
+            if not torch.isfinite(row).all():
+                raise FoldError("refusing to fold: the concept token's row has NaN/Inf; weights untouched")
+        fold_adapters(self.unet, self.adapters, report)
+        if self.token_embedding is not None:
+            row = fold_token(self.text_encoder, self.token_embedding)
+            report.token_id = self.token_embedding.token_id
+            report.token_norm = float(row.norm())
+            report.token_rows_added = 1
+            report.trainable_params += sum(p.numel() for p in self.token_embedding.source.parameters())
+        report.params_after = count_params(self.unet, self.text_encoder) - report.token_rows_added * (
+            self.text_encoder.get_input_embeddings().embedding_dim if report.token_rows_added else 0
+        )
+        self.folded = True
+        return report
+
+
+def begin_concept(
+    spec: MethodSpec,
+    cfg: MethodConfig,
+    unet: nn.Module,
+    text_encoder: nn.Module,
+    tokenizer,
+    token: str | None,
+    reference: dict[str, torch.Tensor] | None = None,
+) -> ConceptState:
+    """Attach this method's adapters and concept token for a new concept.
+
+    ``reference`` maps adapted layer names to W0 (the weights before the first concept); it feeds
+    C-LoRA's penalty and STAMINA's overlap-aware loss. When absent, the current weights are W0.
+    """
+    ac, mc = cfg.adapter, cfg.mask
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    params_before = count_params(unet, text_encoder)
+    state = ConceptState(spec, cfg, unet, text_encoder, tokenizer, token, params_before=params_before)
+    s0 = mc.temperature if mc.schedule == "constant" else 1.0 / mc.s_max
+
+    if spec.adapter == "masked_lora":
+        def factory(name, lin):
+            return MaskedLoRALinear(
+                lin, ac.rank, ac.alpha, mc.rank, mc.activation, mc.init_open, mc.init_scale, s0, name=name, generator=g
+            )
+    elif spec.adapter == "lora":
+        def factory(name, lin):
+            return LoRALinear(lin, ac.rank, ac.alpha, name=name, generator=g)
+    else:
+        factory = None
+
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    for p in text_encoder.parameters():
+        p.requires_grad_(False)
+    if factory is not None:
+        state.adapters = attach(unet, ac.targets, factory)
+        for name, ad in state.adapters.items():
+            ref = (reference or {}).get(name)
+            if ref is None:
+                ref = ad.base.weight.detach().float().clone()
+            elif tuple(ref.shape) != tuple(ad.base.weight.shape):
+                raise FoldError(f"reference weight for {name} has shape {tuple(ref.shape)}, layer has {tuple(ad.base.weight.shape)}")
+            state.reference[name] = ref.to(ad.base.weight.device).float()
+    tok_cfg = cfg.resolved_token()
+    if token is not None and tok_cfg.kind != "none":
+        state.token_embedding = add_concept_token(tokenizer, text_encoder, token, tok_cfg, seed=cfg.train.seed)
+    if not state.trainable_parameters():
+        raise FoldError(f"method {spec.name!r} with this config trains nothing (no adapters and no token)")
+    return state
+
+
+def reference_weights(unet: nn.Module, targets: list[str]) -> dict[str, torch.Tensor]:
+    """Snapshot W0 of the layers ``targets`` match (fp32 copies)."""
+    from ..inject import match_targets
+
+    return {n: unet.get_submodule(n).weight.detach().float().clone() for n in match_targets(unet, targets)}

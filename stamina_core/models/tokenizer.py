@@ -1,0 +1,44 @@
+"""An offline CLIP tokenizer.
+
+``build_byte_tokenizer`` writes a byte-level CLIP BPE vocabulary (the 256 byte symbols, each also
+with the end-of-word marker, plus start/end tokens: 514 ids, no merges) and loads it with
+``transformers.CLIPTokenizer``. It is the exact CLIP tokenizer algorithm with an empty merge list,
+so real SD tokenizer folders load through the same class. No downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from transformers import CLIPTokenizer
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable-unicode table of GPT-2 / CLIP."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_byte_vocab(directory: str) -> tuple[str, str]:
+    os.makedirs(directory, exist_ok=True)
+    units = list(bytes_to_unicode().values())
+    vocab = units + [u + "</w>" for u in units] + ["<|startoftext|>", "<|endoftext|>"]
+    vpath, mpath = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+    with open(vpath, "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(mpath, "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    return vpath, mpath
+
+
+def build_byte_tokenizer(directory: str, model_max_length: int = 77) -> CLIPTokenizer:
+    vpath, mpath = write_byte_vocab(directory)
+    return CLIPTokenizer(vpath, mpath, pad_token="<|endoftext|>", model_max_length=model_max_length)
