@@ -106,6 +106,23 @@ class ConceptState:
         return self.spec.penalty(self, step)
 
     # -- fold -------------------------------------------------------------------------------
+    def fold_with_delta(self) -> tuple[FoldReport, dict[str, torch.Tensor]]:
+        """Fold, and return the exact fp32 deltas that were added (the ``delta.safetensors`` payload).
+
+        Keys: ``unet.<layer>.weight`` (the update added to that weight) and ``token.row`` (the new
+        embedding row). ``stamina_core.delta.apply_delta`` replays them bit-exactly on the parent model.
+        """
+        from ..fold import compute_deltas
+
+        if self.folded:
+            raise FoldError("this concept is already folded; folding twice would apply its update twice")
+        deltas = {f"unet.{n}.weight": d.cpu() for n, d in compute_deltas(self.adapters).items()}
+        report = self.fold()
+        if self.token_embedding is not None:
+            tbl = self.text_encoder.get_input_embeddings()
+            deltas["token.row"] = tbl.weight[self.token_embedding.token_id].detach().float().cpu().clone()
+        return report, deltas
+
     def fold(self) -> FoldReport:
         """Fold adapters and the token row into the weights; discard every adapter parameter."""
         if self.folded:
