@@ -160,7 +160,7 @@ def train_concept(
         pen_val = 0.0
         if pen is not None and pen.requires_grad:
             pen.backward()
-            pen_val = float(pen)
+            pen_val = float(pen.detach())
         if dist is not None:
             for p in params:
                 if p.grad is None:
@@ -169,7 +169,7 @@ def train_concept(
                 p.grad.div_(world)
             lt = torch.tensor([step_loss], device=dev)
             dist.all_reduce(lt)
-            step_loss = float(lt) / world
+            step_loss = float(lt.item()) / world
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"loss became {step_loss} at step {step}; lower the learning rate")
         torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)

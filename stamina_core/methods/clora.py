@@ -19,7 +19,7 @@ def clora_penalty(state: ConceptState, step: int) -> tuple[torch.Tensor, dict[st
         drift = ad.base.weight.detach().float() - state.reference[name]
         term = ((drift * ad.delta_weight()) ** 2).sum()
         total = term if total is None else total + term
-    return lam * total, {"clora": float(total)}
+    return lam * total, {"clora": float(total.detach())}
 
 
 SPEC = register_method(

@@ -26,7 +26,7 @@ def stamina_penalty(state: ConceptState, step: int) -> tuple[torch.Tensor, dict[
             overlap = overlap + (soft * changed).mean()
     n = len(layers)
     loss = mc.sparsity_weight * sparsity / n + mc.overlap_weight * overlap / n
-    return loss, {"sparsity": float(sparsity / n), "overlap": float(overlap / n)}
+    return loss, {"sparsity": float(sparsity.detach() / n), "overlap": float(overlap.detach() / n)}
 
 
 SPEC = register_method(
