@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ class GlyphPretrainConfig(StrictModel):
     """The pretraining ("ImageNet") set: clean base glyph classes."""
 
     num_classes: int = Field(0, ge=0, description="Base classes to use, first in the fixed order; 0 = all of them.")
-    train_per_class: int = Field(300, ge=1, description="Training images per class.")
+    train_per_class: int = Field(200, ge=1, description="Training images per class.")
     val_per_class: int = Field(30, ge=1, description="Validation images per class.")
     image_size: int = Field(32, ge=8, description="Image side in pixels.")
     seed: int = Field(0, description="Rendering seed.")
@@ -104,7 +105,7 @@ class GlyphRConfig(StrictModel):
     train_per_class: int = Field(60, ge=1, description="Training images per class.")
     test_per_class: int = Field(20, ge=1, description="Test images per class.")
     image_size: int = Field(32, ge=8, description="Image side in pixels.")
-    style: str = Field("rendition", description="Rendering style of the task images: 'rendition' or 'clean'.")
+    style: Literal["rendition", "clean"] = Field("rendition", description="Rendering style of the task images.")
     seed: int = Field(0, description="Seed of the class order (which held-out classes, in which order) and of rendering.")
 
 
@@ -242,3 +243,16 @@ def split_class_incremental(
                      torch.cat(xtr), torch.cat(ytr), torch.cat(xte), torch.cat(yte))
         )
     return ClassIncrementalBenchmark(f"{name}-{tasks}x{k}-s{seed}", out)
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by a random integer offset in [-max_shift, max_shift] (edges replicated)."""
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    pad = torch.nn.functional.pad(x, (max_shift,) * 4, mode="replicate")
+    off = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator)
+    rows = (off[:, 0, None] + torch.arange(h)[None])  # (n, h)
+    cols = (off[:, 1, None] + torch.arange(w)[None])  # (n, w)
+    idx_n = torch.arange(n)[:, None, None]
+    return pad.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()

@@ -114,6 +114,27 @@ def load_raw() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+@functools.lru_cache(maxsize=1)
+def unique_mask() -> np.ndarray:
+    """True for images to keep: the first copy of exact duplicates (the wheel holds 284 duplicated images);
+    groups of identical images with different labels are dropped entirely (ambiguous)."""
+    x, y = load_raw()
+    first: dict[bytes, int] = {}
+    keep = np.zeros(len(x), dtype=bool)
+    labels: dict[bytes, set] = {}
+    for i, a in enumerate(x):
+        k = a.tobytes()
+        labels.setdefault(k, set()).add(int(y[i]))
+        if k not in first:
+            first[k] = i
+            keep[i] = True
+    for k, i in first.items():
+        if len(labels[k]) > 1:
+            keep[i] = False
+    keep.setflags(write=False)
+    return keep
+
+
 def downsample(images: np.ndarray, size: int) -> np.ndarray:
     """28x28 uint8 -> size x size by zero-padding to 32 and area (block-mean) downsampling (32 % size == 0)."""
     if size not in (4, 8, 16, 32):

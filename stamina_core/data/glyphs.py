@@ -135,12 +135,20 @@ def _signature(ch: str) -> np.ndarray:
     return v / n if n > 0 else v
 
 
+@functools.lru_cache(maxsize=4096)
+def glyph_signature(ch: str) -> np.ndarray:
+    """Unit-norm, size-invariant signature of a glyph (bounding-box-normalised renders); cosine = similarity."""
+    v = _signature(ch)
+    v.setflags(write=False)
+    return v
+
+
 def _dedupe(chars: list[str], against: list[str]) -> list[str]:
     """Greedy: keep a char unless its signature is within DUPLICATE_SIMILARITY of a kept or ``against`` char."""
-    kept_sigs = [_signature(c) for c in against]
+    kept_sigs = [glyph_signature(c) for c in against]
     out = []
     for c in chars:
-        s = _signature(c)
+        s = glyph_signature(c)
         if not np.any(s) or (kept_sigs and float(np.max(np.stack(kept_sigs) @ s)) > DUPLICATE_SIMILARITY):
             continue
         out.append(c)

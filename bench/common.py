@@ -1,0 +1,258 @@
+"""Shared helpers for the benchmarks in ``bench/``.
+
+* ``interleaved``: time several variants side by side in one process (warm-up first, then rounds
+  that alternate the order A B / B A so drift on a shared machine hits every variant alike).
+* ``summarize`` / ``paired_ratio``: medians, spreads, and the median of per-round ratios (the
+  robust figure on a loaded machine: both timings of a round ran seconds apart).
+* ``PeakRSS``: peak resident memory of a code region in *this* process, from Linux's VmHWM after
+  resetting it through ``/proc/self/clear_refs`` (torch's CPU allocations are invisible to
+  tracemalloc). Run each variant in its own subprocess (``run_child_json``) so that one variant's
+  freed-but-kept heap cannot hide the other's peak.
+* ``machine_info``: cores, threads, torch version, load average (state it next to every figure).
+* ``write_json`` (atomic) and ``update_markdown_section`` (replace the text between
+  ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in BENCHMARKS.md, atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable
+
+from stamina_core.errors import StaminaError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS_MD = os.path.join(REPO, "BENCHMARKS.md")
+RESULTS_DIR = os.path.join(REPO, "bench", "results")
+
+
+class BenchError(StaminaError, RuntimeError):
+    """A benchmark could not run or could not write its results (names the file or step)."""
+
+
+# -- timing -------------------------------------------------------------------------------------
+
+def interleaved(
+    variants: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    before: dict[str, Callable[[], object]] | None = None,
+) -> dict[str, dict[str, list[float]]]:
+    """Time each variant ``repeats`` times, interleaved; returns {name: {"wall_s": [...], "cpu_s": [...]}}.
+
+    Round ``i`` runs the variants in the given order when ``i`` is even and reversed when odd
+    (A B, B A, ...). ``before[name]`` (untimed) runs right before each call of ``name`` (e.g. to
+    install that variant's adapters). Warm-up calls (untimed) run first, in the same alternation.
+    ``wall_s`` is ``time.perf_counter``; ``cpu_s`` is this process's CPU time
+    (``time.process_time``): with one torch thread it is the work done, and far less sensitive
+    than wall time to other jobs competing for the cores.
+    """
+    if repeats < 1:
+        raise BenchError(f"repeats: must be >= 1, got {repeats}")
+    names = list(variants)
+    before = before or {}
+    times: dict[str, dict[str, list[float]]] = {n: {"wall_s": [], "cpu_s": []} for n in names}
+    for i in range(warmup + repeats):
+        order = names if i % 2 == 0 else names[::-1]
+        for n in order:
+            if n in before:
+                before[n]()
+            c0, t0 = time.process_time(), time.perf_counter()
+            variants[n]()
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if i >= warmup:
+                times[n]["wall_s"].append(dt)
+                times[n]["cpu_s"].append(dc)
+    return times
+
+
+def summarize(xs: list[float]) -> dict[str, float]:
+    """Median, min, max, mean and inter-quartile range of a list of timings (seconds)."""
+    if not xs:
+        raise BenchError("summarize: no timings (repeats must be >= 1)")
+    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0], xs[0], xs[0]]
+    return {
+        "n": len(xs),
+        "median": statistics.median(xs),
+        "min": min(xs),
+        "max": max(xs),
+        "mean": statistics.fmean(xs),
+        "iqr": q[2] - q[0],
+    }
+
+
+def paired_ratio(num: list[float], den: list[float]) -> dict[str, float]:
+    """Ratios num[i] / den[i] of the same round (median, min, max); also the ratios of medians and of minima.
+
+    On a loaded machine the noise only adds time, so the ratio of minima is a useful cross-check.
+    """
+    if len(num) != len(den) or not num:
+        raise BenchError(f"paired_ratio: need equal, non-empty timing lists (got {len(num)} and {len(den)})")
+    rs = [a / b for a, b in zip(num, den)]
+    return {
+        "median_of_paired": statistics.median(rs),
+        "min_paired": min(rs),
+        "max_paired": max(rs),
+        "ratio_of_medians": statistics.median(num) / statistics.median(den),
+        "ratio_of_mins": min(num) / min(den),
+        "paired": rs,
+    }
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise BenchError(f"/proc/self/status: no {field} line (peak-RSS measurement needs Linux)")
+
+
+class PeakRSS:
+    """Peak resident set size of a region: ``with PeakRSS() as m: ...``; then ``m.result()``.
+
+    On entry it records the current RSS and resets the kernel's high-water mark (write ``5`` to
+    ``/proc/self/clear_refs``, Linux >= 4.0); on exit it reads VmHWM. ``increment`` = peak - start
+    is the memory the region added on top of what was already resident (the model, for training).
+    """
+
+    method = "Linux VmHWM (peak RSS) reset via /proc/self/clear_refs, one subprocess per variant"
+
+    def __enter__(self) -> "PeakRSS":
+        import gc
+
+        gc.collect()
+        self.start_kib = _status_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")
+        except OSError as e:
+            raise BenchError(f"/proc/self/clear_refs: cannot reset the peak-RSS mark ({e}); run on Linux >= 4.0") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.peak_kib = _status_kib("VmHWM")
+        self.end_kib = _status_kib("VmRSS")
+
+    def result(self) -> dict[str, float]:
+        mib = 1.0 / 1024.0
+        return {
+            "start_mib": self.start_kib * mib,
+            "peak_mib": self.peak_kib * mib,
+            "end_mib": self.end_kib * mib,
+            "increment_mib": (self.peak_kib - self.start_kib) * mib,
+        }
+
+
+def run_child_json(argv: list[str], timeout_s: float = 300.0, env: dict[str, str] | None = None) -> dict:
+    """Run ``argv`` (a Python child), return the JSON object on the last line of its stdout."""
+    full_env = {**os.environ, **(env or {})}
+    try:
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=full_env, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"child {' '.join(argv[1:4])} ran past {timeout_s:.0f} s; lower its steps or size") from None
+    if cp.returncode != 0:
+        tail = (cp.stderr or "").strip().splitlines()[-1:] or ["<no stderr>"]
+        raise BenchError(f"child {' '.join(argv[1:])} failed (rc {cp.returncode}): {tail[0]}")
+    lines = [ln for ln in cp.stdout.strip().splitlines() if ln.strip()]
+    if not lines:
+        raise BenchError(f"child {' '.join(argv[1:])} printed no JSON result")
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        raise BenchError(f"child {' '.join(argv[1:])}: last stdout line is not JSON: {lines[-1][:120]!r}") from None
+
+
+# -- machine ------------------------------------------------------------------------------------
+
+def machine_info() -> dict:
+    """Cores, threads, versions and load average (1/5/15 min) right now."""
+    import torch
+
+    cpu_model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 0
+    return {
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable,
+        "cpu_model": cpu_model,
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg": list(os.getloadavg()),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# -- output -------------------------------------------------------------------------------------
+
+def _atomic_write(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, data: dict) -> str:
+    """Write ``data`` as indented JSON, atomically (a reader never sees a half-written file)."""
+    _atomic_write(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def update_markdown_section(path: str, name: str, body: str, header: str = "") -> str:
+    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path``.
+
+    Creates the file (with ``header``) when missing and appends the marked section when absent.
+    Refuses a file whose markers for ``name`` are duplicated or out of order.
+    """
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = ""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    elif header:
+        text = header.rstrip() + "\n"
+    ns, ne = text.count(start), text.count(end)
+    if ns == 0 and ne == 0:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    elif ns == 1 and ne == 1 and text.index(start) < text.index(end):
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _m: block, text, count=1, flags=re.S)
+    else:
+        raise BenchError(
+            f"{path}: markers for section {name!r} are broken ({ns} start, {ne} end, or end before start); "
+            f"fix them by hand so that exactly one '{start}' precedes one '{end}'"
+        )
+    _atomic_write(path, text)
+    return path
+
+
+def python_child(script: str, *args: str) -> list[str]:
+    """argv for running ``script`` with this interpreter (the venv's python)."""
+    return [sys.executable, script, *args]

@@ -1,0 +1,1 @@
+"""Evaluation: the benchmark judge, KID/MMD, the continual R[t, i] matrix and its summaries, plots."""

@@ -1,0 +1,80 @@
+"""Tiny-model pretraining: deterministic, cached by config hash, done.json last, corrupt caches rebuilt."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stamina_core import pretrain as pt
+from stamina_core.models.bundle import load_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: on a shared, loaded 2-core machine two OpenMP threads stall each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pretrain-cache")
+    path = pt.pretrain_tiny(pt.tiny_pretrain_config(), str(d), progress=False)
+    return str(d), path
+
+
+def test_pretrain_writes_a_complete_loadable_model(cache):
+    d, path = cache
+    cfg = pt.tiny_pretrain_config()
+    assert os.path.basename(path) == f"tiny-{cfg.hash()}"
+    assert pt.is_complete(path, cfg.hash())
+    done = json.load(open(os.path.join(path, pt.DONE_FILE)))
+    assert "unet/diffusion_pytorch_model.safetensors" in done["files"] and pt.INFO_FILE in done["files"]
+    info = json.load(open(os.path.join(path, pt.INFO_FILE)))
+    assert info["steps"] == cfg.max_train_steps and info["final_loss_mean_last_100"] < 1.5
+    assert not [n for n in os.listdir(d) if ".tmp-" in n]
+    b = load_model(path)
+    assert b.unet.config.in_channels == 1 and b.unet.config.sample_size == 16
+    from stamina_core.sample import sample
+
+    x = sample(b, ["a photo of a bear", "a photo of a digit zero"], seeds=0, num_inference_steps=3)
+    assert x.shape == (2, 1, 16, 16) and torch.isfinite(x).all()
+
+
+def test_cache_hit_does_not_retrain(cache, monkeypatch):
+    d, path = cache
+    monkeypatch.setattr(pt, "_train", lambda *a, **k: pytest.fail("retrained although the cache was valid"))
+    assert pt.pretrain_tiny(pt.tiny_pretrain_config(), d, progress=False) == path
+
+
+def test_deterministic_and_corrupt_cache_is_rebuilt(cache, tmp_path):
+    d, path = cache
+    ref = load_file(os.path.join(path, "unet", "diffusion_pytorch_model.safetensors"))
+    other = pt.pretrain_tiny(pt.tiny_pretrain_config(), str(tmp_path), progress=False)
+    again = load_file(os.path.join(other, "unet", "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(ref[k], again[k]) for k in ref)
+    # corrupt one weight file: the digest check fails, the folder is rebuilt (and equal again)
+    f = os.path.join(other, "text_encoder", "model.safetensors")
+    with open(f, "r+b") as fh:
+        fh.seek(200)
+        fh.write(b"\x00\x01\x02\x03")
+    assert not pt.is_complete(other)
+    rebuilt = pt.pretrain_tiny(pt.tiny_pretrain_config(), str(tmp_path), progress=False)
+    assert rebuilt == other and pt.is_complete(rebuilt)
+    # a folder without done.json is never used
+    os.remove(os.path.join(other, pt.DONE_FILE))
+    assert not pt.is_complete(other)
+
+
+def test_config_changes_the_key_and_rejects_mismatched_sizes(tmp_path):
+    a = pt.tiny_pretrain_config()
+    b = a.model_copy(update={"seed": 1})
+    assert a.hash() != b.hash()
+    bad = pt.PretrainConfig.model_validate(dict(a.model_dump(), model=dict(a.model.model_dump(), sample_size=8)))
+    with pytest.raises(pt.CheckpointError, match="sample_size"):
+        pt.pretrain_tiny(bad, str(tmp_path), progress=False)
+    assert not os.listdir(tmp_path)  # nothing half-written left behind
