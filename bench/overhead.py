@@ -61,7 +61,7 @@ from bench.common import (  # noqa: E402
     update_markdown_section,
     write_json,
 )
-from stamina_core.adapters.layers import _ACTS, MaskedLoRALinear  # noqa: E402
+from stamina_core.adapters.layers import _ACTS, LoRALinear, MaskedLoRALinear  # noqa: E402
 from stamina_core.config import AdapterConfig, MaskConfig, MethodConfig, StrictModel  # noqa: E402
 from stamina_core.fold import fold_adapters  # noqa: E402
 from stamina_core.inject import adapters_of, detach  # noqa: E402
@@ -127,19 +127,23 @@ class OverheadConfig(StrictModel):
 # -- a candidate fused forward for MaskedLoRALinear (measured here, proposed for layers.py) ------
 
 class _MaskedLoRAFn(torch.autograd.Function):
-    """y = x (W + s_c * M * (B A))^T + bias, M = 1[G > 0], G = hP Q + b; straight-through sigmoid(sG).
+    """y = x (W + c M * (B A))^T + bias with M = 1[G > 0], G = hP Q + b; straight-through sigmoid(sG).
 
-    Saves only x and the low-rank tensors; the dense G, M, B A and W + delta are recomputed in
-    backward (two rank-r products), so no out x in tensor per layer stays alive between forward and
-    backward, and the forward does one matmul over x instead of two.
+    Saves only x and the low-rank tensors; the dense G, M and B A are recomputed in backward (two
+    rank-r products), so no out x in tensor per layer stays alive between forward and backward. The
+    forward does one matmul over x (with W + delta) instead of two. The mask is made as a float
+    tensor by ``torch.gt(..., out=float)`` (a bool mask costs a conversion pass per use), and the
+    scalars c and s are applied to the small factor gradients rather than to dense tensors.
     """
 
     @staticmethod
     def forward(ctx, x, W, bias, hP, Q, b, A, B, scale: float, s: float, force_open: bool):
-        G = torch.addmm(b, hP, Q)
         BA = B @ A
-        d = BA if force_open else BA.mul_(G > 0)
-        w_eff = d.mul_(scale).add_(W)
+        if force_open:
+            w_eff = BA.mul_(scale).add_(W)
+        else:
+            G = torch.addmm(b, hP, Q)
+            w_eff = torch.addcmul(W, BA, torch.gt(G, 0, out=G), value=scale)
         ctx.save_for_backward(x, W, hP, Q, b, A, B)
         ctx.scale, ctx.s, ctx.force_open = scale, s, force_open
         return F.linear(x, w_eff, bias)
@@ -148,30 +152,29 @@ class _MaskedLoRAFn(torch.autograd.Function):
     def backward(ctx, gy):
         x, W, hP, Q, b, A, B = ctx.saved_tensors
         scale, s, force_open = ctx.scale, ctx.s, ctx.force_open
-        need_x = ctx.needs_input_grad[0]
-        need_mask = (not force_open) and any(ctx.needs_input_grad[3:6])
-        need_lora = any(ctx.needs_input_grad[6:8])
-        gx = g_hP = gQ = gb = gA = gB = None
         out_f, in_f = W.shape
+        gx = g_hP = gQ = gb = gA = gB = None
         BA = B @ A
-        G = torch.addmm(b, hP, Q) if (need_mask or not force_open) else None
-        M = None if force_open else (G > 0)
-        if need_x:
-            w_eff = (BA if M is None else BA * M).mul_(scale).add_(W)
+        if not force_open:
+            Gs = torch.addmm(b * s, hP * s, Q)  # s * G: same sign as G
+            M = torch.gt(Gs, 0, out=torch.empty_like(Gs))
+        if ctx.needs_input_grad[0]:
+            w_eff = torch.add(W, BA, alpha=scale) if force_open else torch.addcmul(W, BA, M, value=scale)
             gx = gy @ w_eff
-        if need_mask or need_lora:
-            gd = gy.reshape(-1, out_f).t() @ x.reshape(-1, in_f)  # dL/d(delta), out x in
-            gd.mul_(scale)
+        need_mask = (not force_open) and any(ctx.needs_input_grad[3:6])
+        if need_mask or any(ctx.needs_input_grad[6:8]):
+            gd = gy.reshape(-1, out_f).t() @ x.reshape(-1, in_f)  # dL/d(delta) / scale, out x in
             if need_mask:
-                sig = torch.sigmoid(G.mul_(s))
-                gG = sig.sub_(sig * sig).mul_(s).mul_(gd).mul_(BA)  # s * sig(1-sig) * gd * BA
-                gQ = hP.t() @ gG
-                g_hP = gG @ Q.t()
-                gb = gG.sum(0)
-            if need_lora:
-                gBA = gd if M is None else gd.mul_(M)
-                gB = gBA @ A.t()
-                gA = B.t() @ gBA
+                sig = Gs.sigmoid_()
+                gG = sig.addcmul_(sig, sig, value=-1.0).mul_(gd).mul_(BA)  # sig(1-sig) * gd * BA
+                c = scale * s
+                hP1 = torch.cat([hP, hP.new_ones(out_f, 1)], 1)
+                gQb = (hP1.t() @ gG).mul_(c)  # [dQ; db] in one pass over gG
+                gQ, gb = gQb[:-1], gQb[-1]
+                g_hP = (gG @ Q.t()).mul_(c)
+            gBA = gd if force_open else gd.mul_(M)
+            gB = (gBA @ A.t()).mul_(scale)
+            gA = (B.t() @ gBA).mul_(scale)
         return gx, None, None, g_hP, gQ, gb, gA, gB, None, None, None
 
 
@@ -180,8 +183,8 @@ class FusedMaskedLoRALinear(MaskedLoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         W = self.base.weight
-        if W.dtype != torch.float32 or x.dtype != torch.float32:
-            return super().forward(x)  # half-precision bases keep the unfused fp32 delta path
+        if W.dtype != torch.float32 or x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)  # half precision / autocast keep the unfused fp32-delta path
         mg = self.mask_gen
         hP = _ACTS[mg.activation](mg.P)
         return _MaskedLoRAFn.apply(
@@ -197,6 +200,34 @@ class FusedMaskedLoRALinear(MaskedLoRALinear):
             new.load_state_dict(ad.state_dict())
         new.force_open = ad.force_open
         return new
+
+
+def layer_micro(shapes: list[tuple[int, int]], tokens: int, repeats: int, cfg: OverheadConfig) -> dict:
+    """Adapter-only cost: forward + backward of every adapted layer shape on one (1, tokens, in) context.
+
+    Isolates what the adapters add (the base matmul is included in every variant alike).
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, tokens, shapes[0][1], generator=g)
+    sets: dict[str, list[nn.Module]] = {"lora": [], "stamina": [], "stamina_fused": []}
+    for out_f, in_f in shapes:
+        base = nn.Linear(in_f, out_f)
+        ref = MaskedLoRALinear(base, cfg.rank, float(cfg.rank), cfg.mask_rank, init_scale=0.5, init_open=0.6, generator=g)
+        with torch.no_grad():
+            ref.lora_B.normal_(0.0, 0.01, generator=g)
+        lora = LoRALinear(base, cfg.rank, float(cfg.rank), generator=g)
+        sets["lora"].append(lora)
+        sets["stamina"].append(ref)
+        sets["stamina_fused"].append(FusedMaskedLoRALinear.from_adapter(ref))
+
+    def run(layers):
+        return lambda: sum(m(x).square().mean() for m in layers).backward()
+
+    times = interleaved({k: run(v) for k, v in sets.items()}, repeats=repeats, warmup=1)
+    clock = headline_clock(cfg)
+    med = {k: statistics.median(v[clock]) for k, v in times.items()}
+    return {"shapes": [list(s) for s in shapes], "tokens": tokens, "clock": clock, "times": times,
+            "median_s": med, "added_over_lora_s": {k: med[k] - med["lora"] for k in ("stamina", "stamina_fused")}}
 
 
 def fused_equivalence(out_f: int, in_f: int, tokens: int, seed: int = 0) -> dict[str, float]:
@@ -342,7 +373,7 @@ def make_train_step(case: Case, state):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         counter["step"] += 1
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -425,6 +456,12 @@ def run_timing(model: str, cfg: OverheadConfig, log) -> dict:
         + ", ".join(f"{v} {r[clock]['median_of_paired']:.3f} / {r[clock]['ratio_of_mins']:.3f}"
                     for v, r in train["ratio_vs_lora"].items()))
 
+    shapes_all = [tuple(m.weight.shape) for m in bases.values()]
+    micro_repeats = max(3, repeats if model == "tiny" else 3 * repeats)
+    micro = layer_micro(shapes_all, tokens=case.ctx.shape[0] * case.ctx.shape[1], repeats=micro_repeats, cfg=cfg)
+    log(f"[{model}] adapter-only fwd+bwd of the {n_layers} adapted shapes ({clock}): "
+        + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in micro["median_s"].items()))
+
     profile = {}
     if model in cfg.profile_models:
         for v in [x for x in ("lora", "stamina", "stamina_fused") if x in states]:
@@ -481,6 +518,7 @@ def run_timing(model: str, cfg: OverheadConfig, log) -> dict:
         "repeats": repeats,
         "inference_repeats": inf_repeats,
         "train": train,
+        "layer_micro": micro,
         "inference": infer,
         "profile_top_ops": profile,
     }
@@ -596,6 +634,12 @@ def markdown(results: dict) -> str:
                      f"{', '.join('x'.join(map(str, s)) for s in t['adapted_shapes'])}):")
         lines.append(f"  - train step ({t['repeats']} rounds; LoRA median {tr['summary']['lora'][clock]['median'] * 1e3:.0f} ms "
                      f"{'CPU' if clock == 'cpu_s' else 'wall'}), vs LoRA: " + _ratios(tr["ratio_vs_lora"], clock))
+        mi = t["layer_micro"]
+        lines.append(f"  - adapter-only forward + backward of the {len(mi['shapes'])} adapted layers on a "
+                     f"({mi['tokens']}-token) context, median ms: "
+                     + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in mi["median_s"].items())
+                     + " (added over LoRA: " + ", ".join(f"{k} +{v * 1e3:.1f}" for k, v in mi["added_over_lora_s"].items())
+                     + f"; vs the LoRA train step {tr['summary']['lora'][clock]['median'] * 1e3:.0f} ms)")
         lines.append(f"  - inference ({t['inference_repeats']} rounds; base median "
                      f"{inf['summary']['base'][clock]['median'] * 1e3:.0f} ms), vs base: "
                      + _ratios(inf["ratio_vs_base"], clock)

@@ -64,6 +64,10 @@ class LineageEntry(StrictModel):
     parent_version: str | None = Field(None, description="Version of the previous folded model (None for the first).")
 
 
+def _numeric(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _client(client=None):
     if client is not None:
         return client
@@ -157,7 +161,7 @@ class ConceptRun:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        ms = [Metric(k, float(v), ts, step or 0) for k, v in sorted(metrics.items())]
+        ms = [Metric(k, float(v), ts, step or 0) for k, v in sorted(metrics.items()) if _numeric(v)]
         for i in range(0, len(ms), 500):
             self.client.log_batch(self.run_id, metrics=ms[i:i + 500])
 
@@ -176,8 +180,8 @@ class ConceptRun:
         flat: dict[str, float] = {}
         for k, v in row.items():
             if isinstance(v, dict):
-                flat.update({f"eval/{k}/{m}": float(x) for m, x in v.items()})
-            else:
+                flat.update({f"eval/{k}/{m}": float(x) for m, x in v.items() if _numeric(x)})
+            elif _numeric(v):
                 flat[f"eval/{k}"] = float(v)
         self.log_metrics(flat, step=step)
         self.client.log_dict(self.run_id, row, f"eval/eval_row_{step:03d}.json")
@@ -265,7 +269,7 @@ _MANIFEST_URI_RE = re.compile(r"/sequences/([a-z0-9][a-z0-9_\-]{0,62})/chain/(\d
 
 def register_folded(model_name: str, manifest_uri: str, manifest_digest: str, run_id: str | None,
                     parent_version: str | None, sequence_id: str | None = None, step: int | None = None,
-                    client=None) -> str:
+                    client=None, experiment: str = "stamina") -> str:
     """Register a folded model as a new version (LoggedModel pointing at the S3 manifest); move alias ``head``.
 
     ``sequence_id`` and ``step`` default to what the manifest URI (``.../sequences/SEQ/chain/NNN-name/manifest.json``)
@@ -295,7 +299,7 @@ def register_folded(model_name: str, manifest_uri: str, manifest_digest: str, ru
         c.get_model_version(model_name, parent_version)  # must exist
     tags = {"manifest_uri": manifest_uri, "manifest_digest": manifest_digest, "sequence_id": sequence_id,
             "step": str(step), "parent_version": parent_version or ""}
-    exp_id = c.get_run(run_id).info.experiment_id if run_id else _experiment_id(c, "stamina")
+    exp_id = c.get_run(run_id).info.experiment_id if run_id else _experiment_id(c, experiment)
     lm = c.create_logged_model(exp_id, name=f"{sequence_id}-{step:03d}", source_run_id=run_id, tags=tags,
                                model_type="stamina-folded")
     with tempfile.TemporaryDirectory() as d:
@@ -386,7 +390,7 @@ class Lineage:
     def register_folded(self, model_name: str, manifest_uri: str, manifest_digest: str, run_id: str | None,
                         parent_version: str | None, sequence_id: str | None = None, step: int | None = None) -> str:
         return register_folded(model_name, manifest_uri, manifest_digest, run_id, parent_version, sequence_id, step,
-                               self.client)
+                               self.client, self.experiment)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         finish_run(run_id, status, self.client)

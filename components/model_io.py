@@ -239,8 +239,9 @@ def _pretrained_tiny(spec: BaseModelSpec, cache_dir: str) -> str | None:
         from stamina_core.pretrain import PretrainConfig, pretrain_tiny
     except ImportError:
         return None
+    cache_dir = os.path.join(cache_dir, "pretrained")
     log.info("base.pretrained: using the pretrained tiny base (trained once into %s, then cached)", cache_dir)
-    return pretrain_tiny(PretrainConfig(model=spec.tiny), cache_dir=cache_dir, progress=False)
+    return pretrain_tiny(PretrainConfig(model=spec.tiny), cache_dir=cache_dir, progress=True)
 
 
 def resolve_base(spec: BaseModelSpec, cache_dir: str | None = None) -> str:

@@ -31,7 +31,7 @@ class PublishInput(StrictModel):
     step_dir: str = Field(description="Local folder with the step's files.")
     parent_digest: str | None = Field(None, description="Digest of step index-1's manifest; None = read it from the chain.")
     config_hash: str = Field(description="Hash of the resolved sequence config.")
-    metrics: dict[str, float] = Field(default_factory=dict, description="Scalar metrics recorded in the manifest.")
+    metrics: dict[str, float | None] = Field(default_factory=dict, description="Scalar metrics recorded in the manifest.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Extra JSON recorded in the manifest.")
     materialize_dir: str | None = Field(None, description="Optional local diffusers folder to upload as the step's model/.")
     endpoint_url: str | None = Field(None, description="S3 endpoint; None = AWS_ENDPOINT_URL from the environment.")
@@ -51,6 +51,7 @@ class PublishOutput(StrictModel):
     manifest_digest: str = Field(description="sha256 of the manifest bytes.")
     index: int = Field(description="Step index.")
     name: str = Field(description="Concept name.")
+    data_uri: str = Field(description="s3:// URI of the folder holding the files (file URI = data_uri/NAME).")
     files: list[str] = Field(description="Relative names of the published files.")
     created: bool = Field(description="False when the identical step was already committed (re-run).")
     head_index: int = Field(description="Index HEAD points at after publishing.")
@@ -90,7 +91,7 @@ def publish_step(inp: PublishInput, client: Any = None) -> PublishOutput:
         hp = _advance(store, hp, step)
         head_etag = hp.etag
     return PublishOutput(manifest_uri=step.uri, manifest_digest=step.digest, index=step.index, name=step.name,
-                         files=sorted(files), created=created, head_index=hp.index, head_etag=head_etag,
+                         data_uri=step.data_uri, files=sorted(files), created=created, head_index=hp.index, head_etag=head_etag,
                          model_uri=model_uri)
 
 

@@ -119,7 +119,7 @@ class SweepSpec(StrictModel):
     max_steps: int = Field(60, ge=1, description="Training steps per trial (ASHA max_t).")
     grace_period: int = Field(20, ge=1, description="ASHA grace period in steps.")
     drift_weight: float = Field(1.0, ge=0, description="Weight of the replay-free drift penalty in the objective.")
-    space: dict[str, list[float]] = Field(
+    space: dict[str, list[float | int | str | bool]] = Field(
         default_factory=lambda: {"adapter.rank": [2, 4], "mask.sparsity_weight": [0.0, 0.01]},
         description="Dotted MethodConfig field -> candidate values (grid/choice).",
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -76,7 +77,7 @@ class StepManifest(StrictModel):
     files: dict[str, FileEntry] = Field(default_factory=dict, description="Relative file name -> size + sha256.")
     data_dir: str = Field("", pattern=r"^(data-[0-9a-f]{16})?$",
                           description="Content-addressed sub-folder holding the files ('' when there are none).")
-    metrics: dict[str, float] = Field(default_factory=dict, description="Scalar metrics of the step.")
+    metrics: dict[str, float | None] = Field(default_factory=dict, description="Scalar metrics (NaN/Inf stored as null).")
     extra: dict[str, Any] = Field(default_factory=dict, description="Free-form JSON (e.g. the base model reference).")
     created_at: float = Field(description="Unix time of the commit (not part of content equality).")
 
@@ -98,6 +99,17 @@ class StepRef(StrictModel):
     @property
     def folder_uri(self) -> str:
         return self.uri.rsplit("/", 1)[0]
+
+    @property
+    def data_uri(self) -> str:
+        """s3:// URI of the folder that holds the step's files (content-addressed ``data-<id>`` sub-folder)."""
+        return f"{self.folder_uri}/{self.manifest.data_dir}" if self.manifest.data_dir else self.folder_uri
+
+    def file_uri(self, rel: str) -> str:
+        """s3:// URI of one of the step's files (``rel`` as listed in the manifest)."""
+        if rel not in self.manifest.files:
+            raise StoreError(f"{self.uri}: has no file {rel!r} (files: {', '.join(sorted(self.manifest.files))})")
+        return f"{self.data_uri}/{rel}"
 
 
 class HeadPointer(StrictModel):
@@ -199,7 +211,18 @@ def content_id(entries: dict[str, FileEntry]) -> str:
 
 
 def _dump(model: StrictModel) -> bytes:
-    return (json.dumps(model.model_dump(mode="json"), sort_keys=True, indent=1) + "\n").encode()
+    return (json.dumps(model.model_dump(mode="json"), sort_keys=True, indent=1, allow_nan=False) + "\n").encode()
+
+
+def _finite(v: Any) -> Any:
+    """JSON-safe copy: NaN/Inf floats become None (manifests are strict JSON)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 def _code(e: Exception) -> tuple[str, int]:
@@ -354,8 +377,8 @@ class ChainStore:
             entries[rel] = FileEntry(size=Path(path).stat().st_size, sha256=sha256_file(path))
         data_dir = f"data-{content_id(entries)}" if entries else ""
         man = StepManifest(sequence_id=self.sequence_id, index=index, name=name, parent_digest=parent_digest,
-                           config_hash=config_hash, files=entries, data_dir=data_dir, metrics=dict(metrics or {}),
-                           extra=dict(extra or {}), created_at=time.time())
+                           config_hash=config_hash, files=entries, data_dir=data_dir, metrics=_finite(dict(metrics or {})),
+                           extra=_finite(dict(extra or {})), created_at=time.time())
         prefix = self.step_prefix(index, name)
         existing = self.step(index)
         if existing is not None:

@@ -157,7 +157,7 @@ def train_loop(config: dict) -> None:
     from safetensors.torch import save_file
 
     from components.ingest import load_concept_data
-    from components.model_io import load_parent
+    from components.model_io import file_sha256, load_parent
     from stamina_core.delta import save_delta
     from stamina_core.methods import begin_concept, get
     from stamina_core.train import CKPT_PREFIX, train_concept
@@ -234,8 +234,6 @@ def train_loop(config: dict) -> None:
             _write_json(os.path.join(final, "losses.json"), {"losses": res.losses, "penalties": res.penalties,
                                                              "steps": res.steps, "resumed_from": res.resumed_from})
             final_metrics["mean_density"] = float(summary["mean_density"]) if summary["mean_density"] is not None else -1.0
-            from components.model_io import file_sha256
-
             _write_json(os.path.join(final, RESULT_FILE), {
                 "run": inp.run_name(), "steps": res.steps, "resumed_from": res.resumed_from, "wall_s": res.wall_s,
                 "fold_summary": summary, "metrics": final_metrics,

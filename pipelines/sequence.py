@@ -169,8 +169,10 @@ def run_sequence(cfg: SequenceConfig, work_dir: str | None = None, submission_id
 
     # parent deltas of the committed prefix, verified by digest
     delta_paths: list[str] = []
+    parent_digests: list[str] = []
     for r in committed:
         if r.index > 0:
+            parent_digests.append(r.digest)
             files = store.download_step(r, os.path.join(work, f"{r.index:03d}-{r.name}", "committed"))
             delta_paths.append(str(files["delta.safetensors"]))
     eval_concepts = [EvalConcept(name=c.name, token=c.token, prompt=c.training_prompt(),
@@ -204,6 +206,7 @@ def run_sequence(cfg: SequenceConfig, work_dir: str | None = None, submission_id
             tr = train_concept_ray(TrainConceptInput(
                 sequence_id=cfg.sequence_id, index=i, base_dir=base_dir, parent_deltas=list(delta_paths),
                 method=method_cfg, concept=c, dataset=ds.parquet_path, dataset_digest=ds.digest,
+            base_digest=base_ref["digest"], parent_digests=list(parent_digests),
                 resources=cfg.resources, storage_path=f"{cfg.storage.uri.rstrip('/')}/ray/{cfg.sequence_id}",
                 output_dir=step_dir, cache_dir=cache))
             bundle = reconstruct(base_dir, delta_paths + [tr.delta_path])
@@ -240,6 +243,7 @@ def run_sequence(cfg: SequenceConfig, work_dir: str | None = None, submission_id
             if tracker is not None:
                 version = _record_concept(tracker, cfg, parent_run, i, c, method_cfg, chash, tr, ev, step_dir, ds, trials, pub)
             delta_paths.append(tr.delta_path)
+            parent_digests.append(pub.manifest_digest)
             wall = time.perf_counter() - t0
             summaries.append(StepSummary(index=i, name=c.name, steps=tr.steps, wall_s=wall, train_wall_s=tr.train_wall_s,
                                          score=score, manifest_uri=pub.manifest_uri, model_version=version))

@@ -18,7 +18,9 @@ from .models.bundle import DiffusionBundle
 
 
 def save_delta(path: str, deltas: dict[str, torch.Tensor], token: str | None, meta: dict | None = None) -> None:
-    md = {"format": "stamina-delta/1", "token": token or "", "meta": json.dumps(meta or {}, sort_keys=True)}
+    # One metadata key holding canonical JSON: safetensors does not keep key order, and the file's
+    # sha256 must be the same for the same content.
+    md = {"stamina": json.dumps({"format": "stamina-delta/1", "token": token or "", "meta": meta or {}}, sort_keys=True)}
     save_file({k: v.detach().float().contiguous().cpu() for k, v in deltas.items()}, path, metadata=md)
 
 
@@ -29,9 +31,14 @@ def load_delta(path: str) -> tuple[dict[str, torch.Tensor], str | None, dict]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises several types for corrupt files
         raise CheckpointError(f"{path}: not a readable safetensors delta ({e})") from None
-    if md.get("format") != "stamina-delta/1":
-        raise CheckpointError(f"{path}: not a stamina delta (format={md.get('format')!r})")
-    return tensors, (md.get("token") or None), json.loads(md.get("meta", "{}"))
+    try:
+        info = json.loads(md.get("stamina", "{}"))
+    except ValueError:
+        info = {}
+    if not isinstance(info, dict) or info.get("format") != "stamina-delta/1":
+        raise CheckpointError(f"{path}: not a stamina delta (missing or unknown 'stamina' metadata)")
+    meta = info.get("meta", {})
+    return tensors, (info.get("token") or None), meta if isinstance(meta, dict) else {}
 
 
 @torch.no_grad()

@@ -87,6 +87,7 @@ class StackConfig(StrictModel):
     services: list[Service] = Field(default_factory=lambda: list(ALL_SERVICES), min_length=1, description="Services to run.")
     ray_num_cpus: int = Field(2, ge=1, description="CPUs the Ray head advertises.")
     ray_object_store_memory: int = Field(500_000_000, ge=78_643_200, description="Ray object store bytes.")
+    ray_start_attempts: int = Field(2, ge=1, le=5, description="Tries of `ray start` (its raylet wait is a fixed 30 s).")
     start_timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for each service to become healthy.")
     stop_grace_s: float = Field(10.0, ge=0, description="Seconds between SIGTERM and SIGKILL when stopping.")
 
@@ -379,14 +380,21 @@ def _start_ray(cfg: StackConfig, info: StackInfo) -> dict:
     rec = {"service": "ray", "pids": [], "endpoint": info.ray_address, "log": str(log), "temp_dir": temp}
     _write_json(cfg.record_path("ray"), rec)  # before start: a failed start is still found and stopped by down()
     t0 = time.monotonic()
-    proc = _spawn(cmd, env, log, cfg.root)
-    try:
-        rc = proc.wait(timeout=cfg.start_timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_tree([proc.pid], cfg.stop_grace_s)
-        raise StackError(f"ray: `ray start` did not return within {cfg.start_timeout_s:.0f} s; see {log}") from None
-    if rc != 0:
-        raise StackError(f"ray: `ray start` exited with code {rc}; see {log}")
+    for attempt in range(1, cfg.ray_start_attempts + 1):
+        proc = _spawn(cmd, env, log, cfg.root)
+        try:
+            rc = proc.wait(timeout=max(1.0, cfg.start_timeout_s - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            kill_tree([proc.pid, *processes_with_arg(temp)], cfg.stop_grace_s)
+            raise StackError(f"ray: `ray start` did not return within {cfg.start_timeout_s:.0f} s; see {log}") from None
+        if rc == 0:
+            break
+        # `ray start` gives the raylet a fixed 30 s to register with the GCS; on an overloaded machine that can
+        # fail. Clean up what it left and try again.
+        kill_tree(processes_with_arg(temp), cfg.stop_grace_s)
+        shutil.rmtree(temp, ignore_errors=True)
+        if attempt == cfg.ray_start_attempts:
+            raise StackError(f"ray: `ray start` exited with code {rc} ({attempt} attempts); see {log}")
     _wait(cfg, "ray", None, t0)
     rec["pids"] = [proc_record(p.pid) for p in processes_with_arg(temp)]
     rec["start_s"] = round(time.monotonic() - t0, 2)
@@ -440,10 +448,6 @@ def _stop_services(cfg: StackConfig, services: list[str]) -> None:
         _cleanup_service(cfg, svc, recs[svc])
 
 
-def _stop_service(cfg: StackConfig, service: str, rec: dict | None) -> None:
-    _stop_services(cfg, [service])
-
-
 def _record_alive(rec: dict | None) -> bool:
     return bool(rec and rec.get("pids")) and all(alive(p) for p in rec["pids"])
 
@@ -463,13 +467,13 @@ def up(cfg: StackConfig) -> StackInfo:
             if _record_alive(rec) and healthy(cfg, svc):
                 continue
             if rec is not None or (svc == "ray" and processes_with_arg(cfg.ray_temp_dir)):
-                _stop_service(cfg, svc, rec)
+                _stop_services(cfg, [svc])
             started.append(svc)
             _STARTERS[svc](cfg, info)
     except BaseException:
         for svc in reversed(started):
             try:
-                _stop_service(cfg, svc, _read_record(cfg, svc))
+                _stop_services(cfg, [svc])
             except StackError:
                 pass
         raise

@@ -156,4 +156,4 @@ def to_tensor_range(images: np.ndarray):
     """uint8 (N, H, W) -> float32 torch tensor (N, 1, H, W) in [-1, 1]."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0).unsqueeze(1)
+    return torch.from_numpy(np.array(images, copy=True)).float().div(127.5).sub(1.0).unsqueeze(1)

@@ -43,6 +43,8 @@ class JudgeConfig(StrictModel):
     learning_rate: float = Field(3e-3, gt=0, description="OneCycle peak learning rate (AdamW).")
     weight_decay: float = Field(5e-4, ge=0, description="AdamW weight decay.")
     label_smoothing: float = Field(0.05, ge=0, lt=0.5, description="Cross-entropy label smoothing.")
+    balanced: bool = Field(True, description="Weight the loss by inverse class frequency (animals have ~900 images "
+                           "per class, glyphs a few hundred, 'none' several thousand).")
     none_images: int = Field(4000, ge=0, description="Degraded/off-concept images generated for the 'none' class.")
     max_shift: float = Field(2.0, ge=0, description="Augmentation: max translation in pixels.")
     max_rotation: float = Field(10.0, ge=0, description="Augmentation: max rotation in degrees.")
@@ -54,7 +56,7 @@ class JudgeConfig(StrictModel):
 
 def tiny_judge_config() -> JudgeConfig:
     """A seconds-long judge for tests."""
-    return JudgeConfig(widths=[8, 16, 32], epochs=2, batch_size=64, none_images=200)
+    return JudgeConfig(widths=[8, 16, 32], epochs=3, batch_size=64, learning_rate=5e-3, none_images=200)
 
 
 class JudgeNet(nn.Module):
@@ -87,7 +89,7 @@ def as_tensor(images) -> torch.Tensor:
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8:
             raise ConfigError(f"images: numpy images must be uint8 (0-255), got {images.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0)
+        t = torch.from_numpy(np.array(images, copy=True)).float().div(127.5).sub(1.0)
     elif isinstance(images, torch.Tensor):
         t = images.detach().cpu()
         t = t.float().div(127.5).sub(1.0) if t.dtype == torch.uint8 else t.float()
@@ -307,6 +309,10 @@ def train_judge(benchmark, cache_dir: str = ".stamina/cache", cfg: JudgeConfig |
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=cfg.epochs * steps_per_epoch)
     g = torch.Generator().manual_seed(cfg.seed)
+    weight = None
+    if cfg.balanced:
+        counts = torch.bincount(yt, minlength=len(names)).clamp_min(1).double()
+        weight = (counts.sum() / (len(names) * counts)).float()
     losses = []
     net.train()
     for ep in range(cfg.epochs):
@@ -315,7 +321,7 @@ def train_judge(benchmark, cache_dir: str = ".stamina/cache", cfg: JudgeConfig |
         for s in range(steps_per_epoch):
             idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             xb = _augment(xt[idx], cfg, g)
-            loss = F.cross_entropy(net(xb), yt[idx], label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(net(xb), yt[idx], weight=weight, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -53,13 +53,13 @@ def test_runs_registry_and_lineage_against_s3(full_stack, tmp_path):
         head = store.advance_head(prev, head.etag)
         with concept_run(parent, i, f"c{i}", {"token": f"<c{i}>"}, "cfg1", client=mc) as cr:
             cr.log_loss_curve([0.9, 0.5, 0.3 / i])
-            cr.log_eval_row({f"c{j}": {"acc": 0.5 + 0.1 * j, "mmd": 1.0} for j in range(1, i + 1)}, step=i)
+            cr.log_eval_row({f"c{j}": {"acc": 0.5 + 0.1 * j, "mmd": 1.0, "kid": None} for j in range(1, i + 1)}, step=i)
             cr.log_artifact(str(tmp_path / "samples.png"))
             cr.log_artifact(str(tmp_path / "fold_report.json"))
             cr.log_dataset(pd.DataFrame({"image_sha256": ["a" * 64, "b" * 64], "prompt": ["p", "q"]}),
                            f"s3://{info.bucket}/data/c{i}.parquet", f"c{i}", "d" * 64)
             run_ids.append(cr.run_id)
-        version = register_folded(model_name, prev.uri, prev.digest, run_ids[-1], version, seq, i, client=mc)
+        version = register_folded(model_name, prev.uri, prev.digest, run_ids[-1], version, client=mc)  # seq/step from URI
         assert mc.get_model_version_by_alias(model_name, "head").version == version
 
     # resuming a concept run reuses it; trials nest under it

@@ -80,6 +80,20 @@ def test_commit_steps_head_and_download_roundtrip(client, bucket, tmp_path):
     store.verify_step(steps[2])
     rec = store.read_sequence()
     assert rec.config_hash == "hash0" and rec.config["concepts"] == ["c0", "c1"]
+    assert steps[2].file_uri("eval.json") == f"{steps[2].data_uri}/eval.json"
+    assert steps[2].data_uri.startswith(f"s3://{bucket}/runs/sequences/seq-a/chain/002-c2/data-")
+    with pytest.raises(StoreError, match="no file 'nope'"):
+        steps[2].file_uri("nope")
+
+
+def test_non_finite_metrics_are_stored_as_null_strict_json(client, bucket, tmp_path):
+    store = ChainStore(f"s3://{bucket}/runs", "seq-n", client=client)
+    base = store.commit_base({"uri": "x"}, "h")
+    s1 = store.commit_step(1, "c1", _files(tmp_path, "n1"), base.digest, "h", {"loss": float("nan"), "ok": 1.0},
+                           {"fold": {"norm": float("inf")}})
+    raw = client.get_object(Bucket=bucket, Key=s1.uri.split(bucket + "/", 1)[1])["Body"].read().decode()
+    assert "NaN" not in raw and "Infinity" not in raw
+    assert s1.manifest.metrics == {"loss": None, "ok": 1.0} and s1.manifest.extra["fold"]["norm"] is None
 
 
 def test_manifest_written_last_and_digest_is_its_bytes(client, bucket, tmp_path):
@@ -239,7 +253,7 @@ def test_publish_step_commits_and_is_idempotent(client, bucket, tmp_path, moto_e
     inp = PublishInput(store_uri=f"s3://{bucket}/runs", sequence_id="seq-p", index=2, name="c2", step_dir=str(step_dir),
                        config_hash="hash0", metrics={"acc": 0.25}, endpoint_url=moto_endpoint)
     out = publish_step(inp)
-    assert out.created and out.head_index == 2
+    assert out.created and out.head_index == 2 and out.data_uri == store.steps()[2].data_uri
     assert sorted(out.files) == ["adapter.safetensors", "delta.safetensors", "eval.json", "fold_report.json"]
     again = publish_step(inp)
     assert not again.created and again.manifest_digest == out.manifest_digest

@@ -1,0 +1,231 @@
+"""The continual-diffusion benchmark (RESULTS.md): one method, a sequence of built-in concepts, several seeds.
+
+    .venv/bin/python bench/continual.py --method stamina --concepts 50 --seeds 0,1,2
+    (same as: .venv/bin/stamina bench continual --method stamina --concepts 50 --seeds 0,1,2)
+
+Per seed: the concept order is a seeded permutation of the benchmark's held-out concepts; the
+tiny base (``stamina pretrain-tiny``) and the judge are built once and cached. After each concept t
+the judge scores R[t, i] (accuracy, and KID x1e3 in judge features) for i <= t (``--eval full``) or
+for i = t and, at the end, every i (``--eval diagonal_and_final``). Summaries follow DESIGN.md §3.
+
+Writes ``bench/results/continual-METHOD.json`` (every matrix, summary, timing, the judge's own
+accuracy and bias, the command), ``continual-METHOD-seedS-{heatmap,curves,samples}.png``, and the
+row of this method in the RESULTS.md table (``bench/results/continual-*.json`` are merged).
+``--tuning`` runs on the separate tuning concepts instead (for choosing hyperparameters; never the
+reported sequence).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from bench.common import RESULTS_DIR, machine_info, update_markdown_section, write_json  # noqa: E402
+from stamina_core.config import MethodConfig, config_hash, parse  # noqa: E402
+from stamina_core.continual import ConceptItem, run_continual  # noqa: E402
+from stamina_core.data.benchmark import BenchmarkConfig, ContinualBenchmark, to_tensor_range  # noqa: E402
+from stamina_core.eval.evaluate import evaluate_pairs, evaluate_row, judge_reference  # noqa: E402
+from stamina_core.eval.judge import train_judge  # noqa: E402
+from stamina_core.eval.metrics import ContinualMatrix  # noqa: E402
+from stamina_core.eval.plots import plot_curves, plot_matrix, sample_grid  # noqa: E402
+from stamina_core.models import load_model  # noqa: E402
+from stamina_core.pretrain import PretrainConfig, pretrain_tiny  # noqa: E402
+from stamina_core.train import ConceptData  # noqa: E402
+
+RESULTS_MD = os.path.join(os.path.dirname(HERE), "RESULTS.md")
+
+# Defaults chosen on the tuning sequence (see RESULTS.md "How hyperparameters were chosen").
+METHOD_DEFAULTS: dict[str, dict] = {
+    "stamina": {"mask": {"sparsity_weight": 0.01, "warmup_steps": 30, "learning_rate": 1e-2}},
+    "lora_seq": {},
+    "clora": {"clora": {"weight": 0.1}},
+    "textual_inversion": {},
+}
+
+
+def method_config(name: str, steps: int, overrides: dict | None = None, seed: int = 0) -> MethodConfig:
+    data = json.loads(json.dumps(METHOD_DEFAULTS.get(name, {})))
+    data["name"] = name
+    data["train"] = {"max_train_steps": steps, "train_batch_size": 8, "hflip": False, "seed": seed * 1000}
+    for key, value in (overrides or {}).items():  # dotted keys, e.g. mask.sparsity_weight=0.01
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return parse(MethodConfig, data, source="--set")
+
+
+def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, out_prefix: str) -> dict:
+    torch.manual_seed(seed)
+    bundle = load_model(base_dir)
+    classes = (bench.tuning if args.tuning else bench.order(seed))[: args.concepts]
+    items = [ConceptItem(c.slug, c.token, ConceptData(to_tensor_range(bench.train_images(c)), [c.caption]))
+             for c in classes]
+    names = [c.slug for c in classes]
+    acc = ContinualMatrix(names, metric="judge_accuracy", higher_is_better=True)
+    kid = ContinualMatrix(names, metric="kid_x1e3", higher_is_better=False)
+    T = len(classes)
+    ev_kw = dict(n_samples=args.samples, seed=10_000 + seed, steps=args.sample_steps, guidance=args.guidance)
+    heldout = {c.token: bench.heldout_real(c) for c in classes}
+    eval_wall = [0.0]
+    final_samples = {}
+
+    def evaluate(b, t, seen):
+        t0 = time.perf_counter()
+        seen_classes = classes[: t + 1]
+        if args.eval == "full" or t == T - 1:
+            todo = list(range(t + 1))
+        else:
+            todo = [t]
+        row = evaluate_row(b, judge, [seen_classes[i] for i in todo], heldout, keep_samples=(t == T - 1), **ev_kw)
+        for k, i in enumerate(todo):
+            acc.set(t, i, row["accuracy"][k])
+            kid.set(t, i, row["kid"][k])
+        if t == T - 1:
+            final_samples["samples"] = row["samples"]
+        eval_wall[0] += time.perf_counter() - t0
+        print(f"  [{args.method} seed {seed}] concept {t + 1}/{T} {classes[t].slug}: R[t,t]={acc.R[t, t]:.2f} "
+              f"mean so far={np.nanmean(acc.R[t, : t + 1]):.2f}", flush=True)
+        return {"accuracy": row["accuracy"], "kid": row["kid"]}
+
+    cfg = method_config(args.method, args.steps, dict(kv.split("=", 1) for kv in args.set) if args.set else None,
+                        seed=seed)
+    t0 = time.perf_counter()
+    outcomes = run_continual(bundle, cfg, items, evaluate=evaluate)
+    wall = time.perf_counter() - t0
+    pairs = None
+    if args.pairs and T >= 2:
+        rng = np.random.default_rng(seed)
+        idx = [tuple(sorted(rng.choice(T, 2, replace=False))) for _ in range(args.pairs)]
+        pairs = evaluate_pairs(bundle, judge, [(classes[a], classes[b]) for a, b in idx],
+                               n_samples=args.samples, seed=20_000 + seed, steps=args.sample_steps, guidance=args.guidance)
+    plot_matrix(acc, f"{out_prefix}-seed{seed}-heatmap.png", title=f"{args.method}: judge accuracy R[t, i] (seed {seed})")
+    plot_curves(acc, f"{out_prefix}-seed{seed}-curves.png", title=f"{args.method}: R[t,t] and mean accuracy (seed {seed})")
+    if final_samples:
+        sample_grid(final_samples["samples"], [c.slug for c in classes], f"{out_prefix}-seed{seed}-samples.png",
+                    title=f"{args.method}: every concept after the last step (seed {seed})")
+    return {
+        "seed": seed,
+        "order": names,
+        "config": json.loads(cfg.model_dump_json()),
+        "config_hash": config_hash(cfg),
+        "accuracy": acc.to_dict(),
+        "kid": kid.to_dict(),
+        "summary_accuracy": acc.summaries(),
+        "summary_kid": kid.summaries(),
+        "pairs": pairs,
+        "trainable_params_per_concept": int(np.mean([o.fold.trainable_params for o in outcomes])),
+        "stored_bytes_per_concept": int(np.mean([o.stored_bytes() for o in outcomes])),
+        "added_inference_params": int(max(o.fold.added_inference_params for o in outcomes)),
+        "mask_density": [o.fold.summary()["mean_density"] for o in outcomes],
+        "density_by_type": [o.fold.density_by_type() for o in outcomes],
+        "steps_per_concept": args.steps,
+        "train_wall_s_per_concept": float(np.mean([o.train.wall_s for o in outcomes])),
+        "wall_s": wall,
+        "eval_wall_s": eval_wall[0],
+    }
+
+
+def _mean_std(vals):
+    v = np.array([x for x in vals if x is not None and np.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return "–"
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if v.size > 1 else f"{v.mean():.3f}"
+
+
+def results_table(results_dir: str = RESULTS_DIR) -> str:
+    rows = []
+    for fn in sorted(os.listdir(results_dir)):
+        if not (fn.startswith("continual-") and fn.endswith(".json")):
+            continue
+        with open(os.path.join(results_dir, fn)) as f:
+            r = json.load(f)
+        if r.get("tuning"):
+            continue
+        runs = r["runs"]
+        sa = [x["summary_accuracy"] for x in runs]
+        sk = [x["summary_kid"] for x in runs]
+        rows.append(
+            f"| {r['method']} | {r['concepts']} | {len(runs)} | {_mean_std([s['A'] for s in sa])} | "
+            f"{_mean_std([s['F'] for s in sa])} | {_mean_std([s['F_max'] for s in sa])} | "
+            f"{_mean_std([s['P'] for s in sa])} | {_mean_std([s['P_first'] for s in sa])} → "
+            f"{_mean_std([s['P_last'] for s in sa])} | {_mean_std([s['A'] for s in sk])} | "
+            f"{runs[0]['trainable_params_per_concept']} | {runs[0]['stored_bytes_per_concept']} | "
+            f"{runs[0]['added_inference_params']} | {r['steps']} | {r['wall_s'] / 60:.1f} | `{r['command']}` |"
+        )
+    head = ("| method | concepts | seeds | A (acc ↑) | F (↓) | F_max (↓) | P = mean R[t,t] (↑) | P first→last block | "
+            "final KID×1e3 (↓) | trainable params / concept | stored bytes / concept | added inference params | "
+            "steps / concept | wall min | command |\n|" + "---|" * 15)
+    return head + "\n" + "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", default="stamina")
+    p.add_argument("--concepts", type=int, default=50)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds = concept orders")
+    p.add_argument("--steps", type=int, default=100, help="training steps per concept (same for every method)")
+    p.add_argument("--samples", type=int, default=16, help="samples per concept per evaluation")
+    p.add_argument("--sample-steps", type=int, default=15, help="DDIM steps of evaluation samples")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--eval", choices=["full", "diagonal_and_final"], default="full")
+    p.add_argument("--pairs", type=int, default=5, help="random concept pairs scored at the end")
+    p.add_argument("--tuning", action="store_true", help="run on the separate tuning concepts")
+    p.add_argument("--set", action="append", default=[], help="dotted MethodConfig override, e.g. mask.rank=8")
+    p.add_argument("--tag", default="", help="suffix of the result files (ablations)")
+    p.add_argument("--cache-dir", default=None, help="base model / judge cache (default $STAMINA_CACHE or ~/.cache/stamina)")
+    p.add_argument("--results-dir", default=RESULTS_DIR, help="where JSON and plots go (RESULTS.md only for the default)")
+    p.add_argument("--smoke", action="store_true", help="tiny benchmark, tiny base and judge: seconds (tests)")
+    args = p.parse_args(argv)
+    if args.cache_dir is None:
+        from components.model_io import default_cache_dir
+
+        args.cache_dir = default_cache_dir()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    t0 = time.perf_counter()
+    if args.smoke:
+        from stamina_core.data.benchmark import tiny_benchmark_config
+        from stamina_core.eval.judge import tiny_judge_config
+        from stamina_core.pretrain import tiny_pretrain_config
+
+        bench = ContinualBenchmark(tiny_benchmark_config())
+        pcfg = tiny_pretrain_config()
+        jcfg = tiny_judge_config()
+    else:
+        bench, pcfg, jcfg = ContinualBenchmark(BenchmarkConfig()), PretrainConfig(), None
+    base_dir = pretrain_tiny(pcfg, cache_dir=os.path.join(args.cache_dir, "pretrained"), progress=not args.smoke)
+    judge = train_judge(bench, cache_dir=args.cache_dir, cfg=jcfg, progress=not args.smoke)
+    ref = judge_reference(judge, bench)
+    print(f"judge: held-out real accuracy {ref.get('accuracy', float('nan')):.3f}", flush=True)
+    os.makedirs(args.results_dir, exist_ok=True)
+    name = f"continual-{args.method}{('-' + args.tag) if args.tag else ''}{'-tuning' if args.tuning else ''}"
+    prefix = os.path.join(args.results_dir, name)
+    runs = [run_seed(args, s, bench, base_dir, judge, prefix) for s in seeds]
+    cmd = "stamina bench continual " + " ".join(a if " " not in a else repr(a) for a in (argv or sys.argv[1:]))
+    out = {"method": args.method, "tag": args.tag, "concepts": args.concepts, "seeds": seeds, "steps": args.steps,
+           "eval": args.eval, "samples": args.samples, "sample_steps": args.sample_steps, "tuning": args.tuning,
+           "judge": ref, "runs": runs, "wall_s": time.perf_counter() - t0, "command": cmd,
+           "machine": machine_info()}
+    write_json(prefix + ".json", out)
+    if not args.tuning and not args.smoke and os.path.abspath(args.results_dir) == os.path.abspath(RESULTS_DIR):
+        update_markdown_section(RESULTS_MD, "continual", results_table())
+    s = [r["summary_accuracy"] for r in runs]
+    print(f"{args.method}: A={_mean_std([x['A'] for x in s])} F={_mean_std([x['F'] for x in s])} "
+          f"F_max={_mean_std([x['F_max'] for x in s])} P={_mean_std([x['P'] for x in s])} "
+          f"({out['wall_s'] / 60:.1f} min) -> {prefix}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
