@@ -688,9 +688,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[OverheadConfig, argparse.
     a = p.parse_args(argv)
     fields: dict = {"quick": a.quick, "threads": a.threads, "sd": not a.no_sd, "write": not a.no_write,
                     "memory": not a.no_memory,
-                    "profile_models": [] if a.no_profile else (["tiny", "sd15"] if a.profile_sd else ["tiny"])}
+                    "profile_models": [] if (a.no_profile or a.quick) else (["tiny", "sd15"] if a.profile_sd else ["tiny"])}
     if a.quick:
-        fields.update(tiny_repeats=10, sd_repeats=2, sd_latent=16, memory_models=["tiny"], memory_variants=["lora", "stamina"])
+        fields.update(tiny_repeats=8, sd_repeats=2, sd_latent=16, memory_models=["tiny"], memory_variants=["lora", "stamina"],
+                      tiny_variants=["lora", "stamina", "stamina_fused"])
     if a.sd_latent is not None:
         fields["sd_latent"] = a.sd_latent
     cfg = OverheadConfig(**fields)

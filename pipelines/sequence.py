@@ -303,7 +303,7 @@ def _record_concept(tracker, cfg, parent_run, i, c, method_cfg, chash, tr, ev, s
             if os.path.isfile(os.path.join(step_dir, f)):
                 run.log_artifact(os.path.join(step_dir, f))
         table = pq.read_table(ds.parquet_path, columns=["file", "sha256", "width", "height", "prompt"])
-        run.log_dataset(table, source_uri=f"{pub.manifest_uri.rsplit('/', 1)[0]}/dataset.parquet", name=c.name,
+        run.log_dataset(table, source_uri=f"{pub.data_uri}/dataset.parquet", name=c.name,
                         digest=ds.digest)
         if trials:
             tracker.log_trials(run.run_id, trials)

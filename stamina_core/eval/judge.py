@@ -38,7 +38,7 @@ class JudgeConfig(StrictModel):
 
     widths: list[int] = Field(default_factory=lambda: [24, 48, 96], min_length=3, max_length=3,
                               description="Channels of the three conv stages (the last is the feature size).")
-    epochs: int = Field(6, ge=1, description="Passes over the training set (OneCycle schedule).")
+    epochs: int = Field(8, ge=1, description="Passes over the training set (OneCycle schedule).")
     batch_size: int = Field(128, ge=8, description="Images per step.")
     learning_rate: float = Field(3e-3, gt=0, description="OneCycle peak learning rate (AdamW).")
     weight_decay: float = Field(5e-4, ge=0, description="AdamW weight decay.")
@@ -46,6 +46,8 @@ class JudgeConfig(StrictModel):
     balanced: bool = Field(True, description="Weight the loss by inverse class frequency (animals have ~900 images "
                            "per class, glyphs a few hundred, 'none' several thousand).")
     none_images: int = Field(4000, ge=0, description="Degraded/off-concept images generated for the 'none' class.")
+    hflip: bool = Field(True, description="Augmentation: random horizontal flips of classes whose identity survives "
+                        "them (animals, 'none'), as the diffusion model is trained with flips of those classes.")
     max_shift: float = Field(2.0, ge=0, description="Augmentation: max translation in pixels.")
     max_rotation: float = Field(10.0, ge=0, description="Augmentation: max rotation in degrees.")
     intensity_jitter: float = Field(0.15, ge=0, description="Augmentation: max grey offset (in [-1, 1] units); "
@@ -263,8 +265,11 @@ def degraded_images(real: np.ndarray, real_labels: np.ndarray, n: int, seed: int
     return out
 
 
-def _augment(x: torch.Tensor, cfg: JudgeConfig, g: torch.Generator) -> torch.Tensor:
+def _augment(x: torch.Tensor, cfg: JudgeConfig, g: torch.Generator, flip_ok: torch.Tensor | None = None) -> torch.Tensor:
     n, _, h, w = x.shape
+    if cfg.hflip and flip_ok is not None:
+        flip = (torch.rand(n, generator=g) < 0.5) & flip_ok
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     ang = (torch.rand(n, generator=g) * 2 - 1) * np.deg2rad(cfg.max_rotation)
     sc = 1 + (torch.rand(n, generator=g) * 2 - 1) * 0.1
     tx = (torch.rand(n, 2, generator=g) * 2 - 1) * (2 * cfg.max_shift / w)
@@ -313,6 +318,7 @@ def train_judge(benchmark, cache_dir: str = ".stamina/cache", cfg: JudgeConfig |
     if cfg.balanced:
         counts = torch.bincount(yt, minlength=len(names)).clamp_min(1).double()
         weight = (counts.sum() / (len(names) * counts)).float()
+    flip_table = torch.tensor([bool(getattr(c, "hflip_ok", False)) for c in benchmark.classes] + [True])
     losses = []
     net.train()
     for ep in range(cfg.epochs):
@@ -320,7 +326,7 @@ def train_judge(benchmark, cache_dir: str = ".stamina/cache", cfg: JudgeConfig |
         tot = 0.0
         for s in range(steps_per_epoch):
             idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            xb = _augment(xt[idx], cfg, g)
+            xb = _augment(xt[idx], cfg, g, flip_table[yt[idx]])
             loss = F.cross_entropy(net(xb), yt[idx], weight=weight, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
