@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-slow test-all bench pretrain stack-up stack-down clean
+.PHONY: install run test test-slow test-all bench bench-continual bench-classification bench-pipeline pretrain stack-up stack-down clean
 
 install: $(STAMP)
 
@@ -39,6 +39,15 @@ test-all: install
 
 bench: install
 	$(PY) bench/overhead.py
+
+bench-continual: install
+	for m in stamina lora_seq clora textual_inversion; do $(PY) bench/continual.py --method $$m --concepts 50 --seeds 0,1,2 || exit 1; done
+
+bench-classification: install
+	$(PY) bench/classification.py --methods stamina,lora_seq,clora,seq_ft,head_only,joint --tasks 10 --seeds 0,1,2
+
+bench-pipeline: install
+	$(PY) bench/pipeline_overhead.py
 
 pretrain: install
 	$(VENV)/bin/stamina pretrain-tiny
