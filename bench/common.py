@@ -212,6 +212,7 @@ def _atomic_write(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read by everyone
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

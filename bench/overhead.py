@@ -459,6 +459,8 @@ def run_timing(model: str, cfg: OverheadConfig, log) -> dict:
     shapes_all = [tuple(m.weight.shape) for m in bases.values()]
     micro_repeats = max(3, repeats if model == "tiny" else 3 * repeats)
     micro = layer_micro(shapes_all, tokens=case.ctx.shape[0] * case.ctx.shape[1], repeats=micro_repeats, cfg=cfg)
+    lora_step = statistics.median(train["times"]["lora"][clock])
+    micro["derived_train_ratio"] = {k: 1.0 + v / lora_step for k, v in micro["added_over_lora_s"].items()}
     log(f"[{model}] adapter-only fwd+bwd of the {n_layers} adapted shapes ({clock}): "
         + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in micro["median_s"].items()))
 
@@ -483,6 +485,11 @@ def run_timing(model: str, cfg: OverheadConfig, log) -> dict:
         raise BenchError(f"[{model}] folded model is not base-shaped ({folded_params} vs {case.n_params} params)")
     if list(folded.state_dict()) != list(case.unet.state_dict()):
         raise BenchError(f"[{model}] folded model's state-dict keys differ from the base model's")
+    types = lambda m: [(n, type(x).__name__) for n, x in m.named_modules()]  # noqa: E731
+    if types(folded) != types(case.unet) or any(
+        p.dtype != q.dtype or p.shape != q.shape for p, q in zip(folded.parameters(), case.unet.parameters())
+    ):
+        raise BenchError(f"[{model}] folded model's modules/dtypes differ from the base model's")
     delta_fro = math.sqrt(sum(lf.delta_fro ** 2 for lf in report.layers))
     if not delta_fro > 0:
         raise BenchError(f"[{model}] the STAMINA update folded is zero; train longer before folding")
@@ -491,17 +498,20 @@ def run_timing(model: str, cfg: OverheadConfig, log) -> dict:
         "folded": make_infer(case, folded),
         "stamina_unfolded": make_infer(case, case.unet),
     }
+    if model != "tiny":  # SD-size forwards are slow: spend the rounds on the target pair
+        del infer_fns["stamina_unfolded"]
     before_inf = {
         "base": lambda: install(case.unet, bases),
         "stamina_unfolded": lambda: install(case.unet, states["stamina"].adapters),
     }
-    inf_repeats = 2 * repeats if model == "tiny" else repeats + 1
-    log(f"[{model}] inference: base / folded / unfolded x ({cfg.warmup} + {inf_repeats}) rounds")
+    inf_repeats = 2 * repeats if model == "tiny" else 2 * repeats
+    log(f"[{model}] inference: {' / '.join(infer_fns)} x ({cfg.warmup} + {inf_repeats}) rounds")
     infer = _analyse(interleaved(infer_fns, repeats=inf_repeats, warmup=cfg.warmup, before=before_inf), "base")
     install(case.unet, bases)
     infer["fold"] = {"layers": len(report.layers), "delta_fro_total": delta_fro,
                      "mean_density": statistics.fmean(lf.density for lf in report.layers),
-                     "params_base": case.n_params, "params_folded": folded_params}
+                     "params_base": case.n_params, "params_folded": folded_params,
+                     "same_modules_dtypes_shapes": True}
     log(f"[{model}] inference {clock} ratios vs base (median of paired / of minima): "
         + ", ".join(f"{v} {r[clock]['median_of_paired']:.3f} / {r[clock]['ratio_of_mins']:.3f}"
                     for v, r in infer["ratio_vs_base"].items()))
@@ -566,10 +576,14 @@ def verdicts(results: dict) -> dict:
     for model, r in results["models"].items():
         tr = r["timing"]["train"]["ratio_vs_lora"]["stamina"][clock]["median_of_paired"]
         inf = r["timing"]["inference"]["ratio_vs_base"]["folded"][clock]["median_of_paired"]
+        trr = r["timing"]["train"]["ratio_vs_lora"]["stamina"][clock]
+        ifr = r["timing"]["inference"]["ratio_vs_base"]["folded"][clock]
         v = {
             "train_ratio": tr,
+            "train_range": [trr["min_paired"], trr["max_paired"]],
             "train_ok": tr <= TARGETS["train_ratio_max"],
             "infer_ratio": inf,
+            "infer_range": [ifr["min_paired"], ifr["max_paired"]],
             "infer_ok": abs(inf - 1.0) <= TARGETS["infer_ratio_tol"],
         }
         if "memory" in r:
@@ -622,8 +636,11 @@ def markdown(results: dict) -> str:
     ]
     for model, v in results["verdicts"].items():
         mem = f"{v['memory_ratio']:.3f} ({_yn(v['memory_ok'])})" if "memory_ratio" in v else "not measured"
-        lines.append(f"| {model} | {v['train_ratio']:.3f} ({_yn(v['train_ok'])}) | {v['infer_ratio']:.3f} "
-                     f"({_yn(v['infer_ok'])}) | {mem} |")
+        lines.append(f"| {model} | {v['train_ratio']:.3f} ({_yn(v['train_ok'])}; rounds {v['train_range'][0]:.2f}-"
+                     f"{v['train_range'][1]:.2f}) | {v['infer_ratio']:.3f} ({_yn(v['infer_ok'])}; rounds "
+                     f"{v['infer_range'][0]:.2f}-{v['infer_range'][1]:.2f}) | {mem} |")
+    lines += ["", "A verdict is only as firm as its rounds: where the per-round range straddles the target, the "
+              "machine's noise is larger than the effect and the median decides."]
     lines += ["", "Details: median of paired ratios [min-max of the rounds] (ratio of minima, wall-time median "
               "ratio); the denominator's median absolute time is for orientation only.", ""]
     for model, r in results["models"].items():
@@ -639,7 +656,8 @@ def markdown(results: dict) -> str:
                      f"({mi['tokens']}-token) context, median ms: "
                      + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in mi["median_s"].items())
                      + " (added over LoRA: " + ", ".join(f"{k} +{v * 1e3:.1f}" for k, v in mi["added_over_lora_s"].items())
-                     + f"; vs the LoRA train step {tr['summary']['lora'][clock]['median'] * 1e3:.0f} ms)")
+                     + f"; vs the LoRA train step {tr['summary']['lora'][clock]['median'] * 1e3:.0f} ms, i.e. an expected "
+                     "step ratio of " + ", ".join(f"{k} {v:.3f}" for k, v in mi["derived_train_ratio"].items()) + ")")
         lines.append(f"  - inference ({t['inference_repeats']} rounds; base median "
                      f"{inf['summary']['base'][clock]['median'] * 1e3:.0f} ms), vs base: "
                      + _ratios(inf["ratio_vs_base"], clock)

@@ -6,6 +6,10 @@ classifier-free guidance works; AdamW, linear warmup then cosine decay, gradient
 The default budget (2400 steps) takes about 10-15 minutes on 2 CPU cores (TINY.md §3: 2150 steps gave
 0.65 judge accuracy on samples of the 5 animal classes).
 
+Threads: on a shared, loaded 2-core machine two torch threads stall each other (measured 2026-11-26 at
+load ~5: 10 s/step with 2 threads, 0.78 s/step with 1). Use ``--threads 1`` (``torch.set_num_threads(1)``)
+unless the machine is idle.
+
 The result is cached under ``cache_dir/tiny-<config hash>/`` in the ``DiffusionBundle.save`` layout
 plus ``pretrain.json`` (config, loss curve, timings) and ``done.json`` (sha256 of every file), written
 last. A folder without a valid ``done.json`` is never used: it is rebuilt.
