@@ -115,7 +115,7 @@ class _HardMaskST(torch.autograd.Function):
     def forward(ctx, G: torch.Tensor, s: float) -> torch.Tensor:  # noqa: D401
         ctx.save_for_backward(G)
         ctx.s = s
-        return (G > 0).to(G.dtype)
+        return torch.gt(G, 0, out=torch.empty_like(G))  # float 0/1 directly (a bool mask costs a cast pass)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -127,6 +127,58 @@ class _HardMaskST(torch.autograd.Function):
 def hard_mask(G: torch.Tensor, s: float) -> torch.Tensor:
     """Binary mask with a straight-through sigmoid(s*G) gradient (exactly 0/1 in the forward pass)."""
     return _HardMaskST.apply(G, float(s))
+
+
+class _MaskedLoRAFn(torch.autograd.Function):
+    """y = x (W + c M * (B A))^T + bias with M = 1[G > 0], G = hP Q + b; straight-through sigmoid(sG).
+
+    Saves only x and the low-rank tensors; the dense G, M and B A are recomputed in backward (two
+    rank-r products), so no out x in tensor per layer stays alive between forward and backward. The
+    forward does one matmul over x (with W + delta) instead of two. The mask is made as a float
+    tensor by ``torch.gt(..., out=float)`` (a bool mask costs a conversion pass per use), and the
+    scalars c and s are applied to the small factor gradients rather than to dense tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, bias, hP, Q, b, A, B, scale: float, s: float, force_open: bool):
+        BA = B @ A
+        if force_open:
+            w_eff = BA.mul_(scale).add_(W)
+        else:
+            G = torch.addmm(b, hP, Q)
+            w_eff = torch.addcmul(W, BA, torch.gt(G, 0, out=G), value=scale)
+        ctx.save_for_backward(x, W, hP, Q, b, A, B)
+        ctx.scale, ctx.s, ctx.force_open = scale, s, force_open
+        return F.linear(x, w_eff, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, W, hP, Q, b, A, B = ctx.saved_tensors
+        scale, s, force_open = ctx.scale, ctx.s, ctx.force_open
+        out_f, in_f = W.shape
+        gx = g_hP = gQ = gb = gA = gB = None
+        BA = B @ A
+        if not force_open:
+            Gs = torch.addmm(b * s, hP * s, Q)  # s * G: same sign as G
+            M = torch.gt(Gs, 0, out=torch.empty_like(Gs))
+        if ctx.needs_input_grad[0]:
+            w_eff = torch.add(W, BA, alpha=scale) if force_open else torch.addcmul(W, BA, M, value=scale)
+            gx = gy @ w_eff
+        need_mask = (not force_open) and any(ctx.needs_input_grad[3:6])
+        if need_mask or any(ctx.needs_input_grad[6:8]):
+            gd = gy.reshape(-1, out_f).t() @ x.reshape(-1, in_f)  # dL/d(delta) / scale, out x in
+            if need_mask:
+                sig = Gs.sigmoid_()
+                gG = sig.addcmul_(sig, sig, value=-1.0).mul_(gd).mul_(BA)  # sig(1-sig) * gd * BA
+                c = scale * s
+                hP1 = torch.cat([hP, hP.new_ones(out_f, 1)], 1)
+                gQb = (hP1.t() @ gG).mul_(c)  # [dQ; db] in one pass over gG
+                gQ, gb = gQb[:-1], gQb[-1]
+                g_hP = (gG @ Q.t()).mul_(c)
+            gBA = gd if force_open else gd.mul_(M)
+            gB = (gBA @ A.t()).mul_(scale)
+            gA = (B.t() @ gBA).mul_(scale)
+        return gx, None, None, g_hP, gQ, gb, gA, gB, None, None, None
 
 
 class MaskedLoRALinear(LoRALinear):
@@ -176,9 +228,23 @@ class MaskedLoRALinear(LoRALinear):
         return self.scaling * (self.mask() * (self.lora_B @ self.lora_A))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        W, bias = self.base.weight, self.base.bias
+        if (
+            W.dtype == torch.float32
+            and x.dtype == torch.float32
+            and not W.requires_grad
+            and (bias is None or not bias.requires_grad)
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
+            # Fused fp32 path (bench/overhead.py): one matmul with W + delta; only x and the low-rank
+            # factors are kept for backward, the dense mask is recomputed there.
+            mg = self.mask_gen
+            return _MaskedLoRAFn.apply(
+                x, W, bias, _ACTS[mg.activation](mg.P), mg.Q, mg.b, self.lora_A, self.lora_B,
+                self.scaling, float(self.temperature), bool(self.force_open),
+            )
+        # Half-precision bases / autocast / trainable base: the base in its dtype + an fp32 delta.
         y = self.base(x)
-        # The dense delta is formed once per forward (out x in); for attention projections this is
-        # cheaper than the convolutions around them (see bench/overhead.py).
         d = self.delta_weight()
         return y + F.linear(x.to(d.dtype), d).to(y.dtype)
 

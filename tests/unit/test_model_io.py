@@ -44,7 +44,7 @@ def test_pretrained_uses_the_pretrain_provider(tmp_path, tiny_spec, monkeypatch)
 
     monkeypatch.setattr(pre, "pretrain_tiny", fake)
     assert resolve_base(tiny_spec.model_copy(update={"pretrained": True}), str(tmp_path)) == "/pretrained/tiny"
-    assert calls == [(tiny_spec.tiny, str(tmp_path), False)]
+    assert calls == [(tiny_spec.tiny, os.path.join(str(tmp_path), "pretrained"), True)]
 
 
 def test_pretrained_without_provider_falls_back_and_says_so(tmp_path, tiny_spec, caplog, monkeypatch):
