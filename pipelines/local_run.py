@@ -77,8 +77,14 @@ def built_in_sequence(n_concepts: int, steps: int | None, storage_uri: str, inpu
 
 
 def _upload_dir(client, local: Path, bucket: str, prefix: str) -> None:
+    """Upload the concept's images (the folder also holds concept.json, which is not an input image)."""
+    from components.ingest import ALLOWED_EXTENSIONS
+
+    stale = client.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/").get("Contents", [])
+    if stale:  # the prefix mirrors the folder exactly (no leftovers from an earlier run)
+        client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": o["Key"]} for o in stale]})
     for p in sorted(local.rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.suffix.lower() in ALLOWED_EXTENSIONS:
             client.upload_file(str(p), bucket, f"{prefix.rstrip('/')}/{p.relative_to(local).as_posix()}")
 
 

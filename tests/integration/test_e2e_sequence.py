@@ -58,7 +58,6 @@ def _submit(env: dict, cfg: Path, summary: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.slow
 def test_ray_job_submit_two_concepts_then_resume_and_append(full_stack, tmp_path, monkeypatch):
     info = full_stack
     env = {**info.env(), "RAY_DASHBOARD_URL": info.dashboard_url, "STAMINA_CACHE": str(tmp_path / "cache")}
