@@ -302,7 +302,8 @@ def run_pipeline(args, seq: dict, work: str, cache: str) -> dict:
         ray = os.path.join(os.path.dirname(sys.executable), "ray")
         cmd = [ray, "job", "submit", "--address", info.dashboard_url, "--working-dir", REPO,
                "--submission-id", sub_id, "--runtime-env-json", json.dumps(runtime_env), "--",
-               sys.executable, "-m", "pipelines.sequence", "--config", cfg_path, "--summary-json", summary_path]
+               sys.executable, "-m", "pipelines.sequence", "--config", cfg_path, "--summary-json", summary_path,
+               "--work-dir", os.path.join(work, "driver")]  # inside our temp dir (removed at the end)
         sampler.phase = "job"
         wall0, t = time.time(), time.perf_counter()
         try:

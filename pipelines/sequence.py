@@ -106,14 +106,27 @@ def _check_prefix(cfg: SequenceConfig, committed) -> None:
 
 def run_sequence(cfg: SequenceConfig, work_dir: str | None = None, submission_id: str | None = None,
                  progress: bool = True) -> SequenceSummary:
-    """Run or resume ``cfg``. Returns a summary (also printed as a table by ``main``)."""
+    """Run or resume ``cfg``. Returns a summary (also printed as a table by ``main``).
+
+    ``work_dir`` holds local scratch files; when not given, a temp dir is used and removed at the end.
+    """
+    if work_dir is not None:
+        return _run_sequence(cfg, work_dir, submission_id, progress)
+    tmp = tempfile.mkdtemp(prefix=f"stamina-{cfg.sequence_id}-")
+    try:
+        return _run_sequence(cfg, tmp, submission_id, progress)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_sequence(cfg: SequenceConfig, work_dir: str, submission_id: str | None, progress: bool) -> SequenceSummary:
     from components import lineage
 
     _require_env()
     t_start = time.perf_counter()
     chash = config_hash(cfg)
     submission_id = submission_id or os.environ.get("RAY_JOB_ID") or uuid.uuid4().hex[:12]
-    work = work_dir or tempfile.mkdtemp(prefix=f"stamina-{cfg.sequence_id}-")
+    work = work_dir
     os.makedirs(work, exist_ok=True)
     cache = default_cache_dir()
     client = s3_client()
