@@ -124,58 +124,9 @@ class OverheadConfig(StrictModel):
     write: bool = Field(True, description="Write bench/results/overhead.json and the BENCHMARKS.md section.")
 
 
-# -- a candidate fused forward for MaskedLoRALinear (measured here, proposed for layers.py) ------
+# -- the fused forward, now MaskedLoRALinear's fp32 path (kept as an explicit variant) -------
 
-class _MaskedLoRAFn(torch.autograd.Function):
-    """y = x (W + c M * (B A))^T + bias with M = 1[G > 0], G = hP Q + b; straight-through sigmoid(sG).
-
-    Saves only x and the low-rank tensors; the dense G, M and B A are recomputed in backward (two
-    rank-r products), so no out x in tensor per layer stays alive between forward and backward. The
-    forward does one matmul over x (with W + delta) instead of two. The mask is made as a float
-    tensor by ``torch.gt(..., out=float)`` (a bool mask costs a conversion pass per use), and the
-    scalars c and s are applied to the small factor gradients rather than to dense tensors.
-    """
-
-    @staticmethod
-    def forward(ctx, x, W, bias, hP, Q, b, A, B, scale: float, s: float, force_open: bool):
-        BA = B @ A
-        if force_open:
-            w_eff = BA.mul_(scale).add_(W)
-        else:
-            G = torch.addmm(b, hP, Q)
-            w_eff = torch.addcmul(W, BA, torch.gt(G, 0, out=G), value=scale)
-        ctx.save_for_backward(x, W, hP, Q, b, A, B)
-        ctx.scale, ctx.s, ctx.force_open = scale, s, force_open
-        return F.linear(x, w_eff, bias)
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, W, hP, Q, b, A, B = ctx.saved_tensors
-        scale, s, force_open = ctx.scale, ctx.s, ctx.force_open
-        out_f, in_f = W.shape
-        gx = g_hP = gQ = gb = gA = gB = None
-        BA = B @ A
-        if not force_open:
-            Gs = torch.addmm(b * s, hP * s, Q)  # s * G: same sign as G
-            M = torch.gt(Gs, 0, out=torch.empty_like(Gs))
-        if ctx.needs_input_grad[0]:
-            w_eff = torch.add(W, BA, alpha=scale) if force_open else torch.addcmul(W, BA, M, value=scale)
-            gx = gy @ w_eff
-        need_mask = (not force_open) and any(ctx.needs_input_grad[3:6])
-        if need_mask or any(ctx.needs_input_grad[6:8]):
-            gd = gy.reshape(-1, out_f).t() @ x.reshape(-1, in_f)  # dL/d(delta) / scale, out x in
-            if need_mask:
-                sig = Gs.sigmoid_()
-                gG = sig.addcmul_(sig, sig, value=-1.0).mul_(gd).mul_(BA)  # sig(1-sig) * gd * BA
-                c = scale * s
-                hP1 = torch.cat([hP, hP.new_ones(out_f, 1)], 1)
-                gQb = (hP1.t() @ gG).mul_(c)  # [dQ; db] in one pass over gG
-                gQ, gb = gQb[:-1], gQb[-1]
-                g_hP = (gG @ Q.t()).mul_(c)
-            gBA = gd if force_open else gd.mul_(M)
-            gB = (gBA @ A.t()).mul_(scale)
-            gA = (B.t() @ gBA).mul_(scale)
-        return gx, None, None, g_hP, gQ, gb, gA, gB, None, None, None
+from stamina_core.adapters.layers import _MaskedLoRAFn  # noqa: E402
 
 
 class FusedMaskedLoRALinear(MaskedLoRALinear):

@@ -37,6 +37,7 @@ from components.schemas import ConceptSpec
 from stamina_core.config import StrictModel
 from stamina_core.errors import CheckpointError, StaminaError
 from stamina_core.train import ConceptData
+from stamina_core.hashing import sha256_file
 
 ALLOWED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP"}
@@ -186,12 +187,7 @@ def dataset_digest(sha256s: list[str], params: dict) -> str:
     return h.hexdigest()
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256_file = sha256_file
 
 
 def ingest(inp: IngestInput) -> IngestOutput:

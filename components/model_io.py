@@ -34,6 +34,7 @@ from stamina_core.delta import apply_delta, load_delta
 from stamina_core.errors import CheckpointError, ConfigError
 from stamina_core.methods import reference_weights
 from stamina_core.models import DiffusionBundle, build_tiny, load_model
+from stamina_core.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,7 @@ def default_cache_dir() -> str:
 
 # -- hashing ----------------------------------------------------------------------------------------
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+file_sha256 = sha256_file
 
 
 def model_digest(directory: str) -> str:

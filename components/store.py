@@ -33,6 +33,7 @@ from pydantic import Field, ValidationError
 
 from stamina_core.config import StrictModel, one_line
 from stamina_core.errors import StaminaError
+from stamina_core.hashing import sha256_file  # noqa: F401  (re-exported)
 
 MAX_JSON_BYTES = 4 * 1024 * 1024
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,62}$")
@@ -194,12 +195,7 @@ def split_uri(uri: str) -> tuple[str, str]:
     return m.group(1), key
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+
 
 
 def content_id(entries: dict[str, FileEntry]) -> str:

@@ -17,7 +17,6 @@ last. A folder without a valid ``done.json`` is never used: it is rebuilt.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from .config import StrictModel, config_hash
 from .data.benchmark import BenchmarkConfig, ContinualBenchmark, to_tensor_range, tiny_benchmark_config
 from .errors import CheckpointError
 from .models.bundle import TinyModelConfig, build_tiny
+from .hashing import sha256_file
 
 DONE_FILE = "done.json"
 INFO_FILE = "pretrain.json"
@@ -69,12 +69,7 @@ def tiny_pretrain_config() -> PretrainConfig:
     )
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = sha256_file
 
 
 def _files(root: str) -> list[str]:

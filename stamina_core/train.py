@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError, ConfigError
 from .methods.base import ConceptState
 from .models.bundle import DiffusionBundle
+from .hashing import sha256_file
 
 CKPT_PREFIX = "checkpoint-"
 CKPT_STATE = "state.json"
@@ -205,12 +206,7 @@ def train_concept(
 
 # -- checkpoints (safetensors + JSON) ------------------------------------------------------------
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256 = sha256_file
 
 
 def save_checkpoint(output_dir: str, step: int, state: ConceptState, opt: torch.optim.Optimizer,
