@@ -110,6 +110,11 @@ def run_sequence(cfg: SequenceConfig, work_dir: str | None = None, submission_id
 
     ``work_dir`` holds local scratch files; when not given, a temp dir is used and removed at the end.
     """
+    if cfg.task != "diffusion":
+        raise SequenceError(
+            f"task: {cfg.task!r} does not run through the pipeline yet (only 'diffusion' does); "
+            "run the classification track with bench/classification.py"
+        )
     if work_dir is not None:
         return _run_sequence(cfg, work_dir, submission_id, progress)
     tmp = tempfile.mkdtemp(prefix=f"stamina-{cfg.sequence_id}-")
