@@ -187,9 +187,6 @@ def dataset_digest(sha256s: list[str], params: dict) -> str:
     return h.hexdigest()
 
 
-_sha256_file = sha256_file
-
-
 def ingest(inp: IngestInput) -> IngestOutput:
     """Validate every image of ``inp.concept.images``, then write the normalised parquet dataset."""
     import pyarrow as pa
@@ -260,7 +257,7 @@ def ingest(inp: IngestInput) -> IngestOutput:
     tmp = pq_path + ".tmp"
     pq.write_table(table, tmp, compression="zstd", write_statistics=False)
     os.replace(tmp, pq_path)
-    pq_sha = _sha256_file(pq_path)
+    pq_sha = sha256_file(pq_path)
     out = IngestOutput(parquet_path=os.path.abspath(pq_path), dataset_json=os.path.abspath(js_path), digest=ddigest,
                        num_images=len(good), files=rows["file"], image_size=inp.image_size, channels=inp.channels,
                        source=inp.concept.images, parquet_sha256=pq_sha)
@@ -306,7 +303,7 @@ def load_concept_data(parquet_path: str, verify: bool = True) -> ConceptData:
         if os.path.isfile(js):
             with open(js) as f:
                 rec = json.load(f)
-            if rec.get("parquet_sha256") != _sha256_file(parquet_path):
+            if rec.get("parquet_sha256") != sha256_file(parquet_path):
                 raise CheckpointError(f"{parquet_path}: file sha256 does not match {js}; re-run ingest")
     table = pq.read_table(parquet_path, columns=["sha256", "image", "prompt"])
     cols = table.to_pydict()

@@ -49,8 +49,6 @@ def default_cache_dir() -> str:
 
 # -- hashing ----------------------------------------------------------------------------------------
 
-file_sha256 = sha256_file
-
 
 def model_digest(directory: str) -> str:
     """sha256 over the sorted (relative path, file sha256) pairs of every file under ``directory``.
@@ -67,7 +65,7 @@ def model_digest(directory: str) -> str:
                 continue
             p = os.path.join(root, fn)
             rel = os.path.relpath(p, directory).replace(os.sep, "/")
-            entries.append(f"{rel}\0{file_sha256(p)}")
+            entries.append(f"{rel}\0{sha256_file(p)}")
     h = hashlib.sha256()
     for e in sorted(entries):
         h.update(e.encode() + b"\n")

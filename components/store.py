@@ -195,9 +195,6 @@ def split_uri(uri: str) -> tuple[str, str]:
     return m.group(1), key
 
 
-
-
-
 def content_id(entries: dict[str, FileEntry]) -> str:
     """16-hex id of a set of files (names + sha256): the name of a step's content-addressed data folder."""
     h = hashlib.sha256()

@@ -157,7 +157,8 @@ def train_loop(config: dict) -> None:
     from safetensors.torch import save_file
 
     from components.ingest import load_concept_data
-    from components.model_io import file_sha256, load_parent
+    from components.model_io import load_parent
+    from stamina_core.hashing import sha256_file
     from stamina_core.delta import save_delta
     from stamina_core.methods import begin_concept, get
     from stamina_core.train import CKPT_PREFIX, train_concept
@@ -237,7 +238,7 @@ def train_loop(config: dict) -> None:
             _write_json(os.path.join(final, RESULT_FILE), {
                 "run": inp.run_name(), "steps": res.steps, "resumed_from": res.resumed_from, "wall_s": res.wall_s,
                 "fold_summary": summary, "metrics": final_metrics,
-                "files": {fn: file_sha256(os.path.join(final, fn)) for fn in FINAL_FILES}})
+                "files": {fn: sha256_file(os.path.join(final, fn)) for fn in FINAL_FILES}})
             ck = ray.train.Checkpoint.from_directory(final)
         ray.train.report(final_metrics, checkpoint=ck, checkpoint_dir_name="final" if rank == 0 else None)
     finally:
@@ -263,7 +264,7 @@ def _copy_final(src_dir: str, fs, out: str) -> dict:
     """Copy the final files (result.json last) into ``out`` and verify their sha256 against result.json."""
     import pyarrow.fs as pafs
 
-    from components.model_io import file_sha256
+    from stamina_core.hashing import sha256_file
 
     local = pafs.LocalFileSystem()
     fs = fs or local
@@ -278,7 +279,7 @@ def _copy_final(src_dir: str, fs, out: str) -> dict:
     for fn in FINAL_FILES:
         dst = os.path.join(out, fn)
         pafs.copy_files(f"{src_dir}/{fn}", dst, source_filesystem=fs, destination_filesystem=local)
-        if file_sha256(dst) != res["files"][fn]:
+        if sha256_file(dst) != res["files"][fn]:
             raise TrainError(f"{src_dir}/{fn}: sha256 does not match result.json; delete the run's final/ folder and relaunch")
     os.replace(tmp_marker, marker)  # last: marks the folder complete
     return res

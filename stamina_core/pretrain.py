@@ -69,9 +69,6 @@ def tiny_pretrain_config() -> PretrainConfig:
     )
 
 
-_sha256 = sha256_file
-
-
 def _files(root: str) -> list[str]:
     out = []
     for d, _, names in os.walk(root):
@@ -96,14 +93,14 @@ def is_complete(path: str, expected_hash: str | None = None) -> bool:
         return False
     for rel, digest in files.items():
         p = os.path.join(path, rel)
-        if not os.path.isfile(p) or _sha256(p) != digest:
+        if not os.path.isfile(p) or sha256_file(p) != digest:
             return False
     return True
 
 
 def write_done(path: str, extra: dict) -> None:
     """Write ``done.json`` (sha256 of every other file) last, atomically."""
-    done = dict(extra, files={rel: _sha256(os.path.join(path, rel)) for rel in _files(path)})
+    done = dict(extra, files={rel: sha256_file(os.path.join(path, rel)) for rel in _files(path)})
     tmp = os.path.join(path, DONE_FILE + ".part")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(done, f, indent=2, sort_keys=True)

@@ -206,8 +206,6 @@ def train_concept(
 
 # -- checkpoints (safetensors + JSON) ------------------------------------------------------------
 
-_sha256 = sha256_file
-
 
 def save_checkpoint(output_dir: str, step: int, state: ConceptState, opt: torch.optim.Optimizer,
                     losses: list[float], penalties: list[float]) -> str:
@@ -234,7 +232,7 @@ def save_checkpoint(output_dir: str, step: int, state: ConceptState, opt: torch.
         "penalties": penalties,
         "param_groups": groups,
         "trainable_keys": sorted(params),
-        "files": {f: _sha256(os.path.join(tmp, f)) for f in ("trainable.safetensors", "optimizer.safetensors")},
+        "files": {f: sha256_file(os.path.join(tmp, f)) for f in ("trainable.safetensors", "optimizer.safetensors")},
     }
     with open(os.path.join(tmp, CKPT_STATE), "w") as f:
         json.dump(meta, f)
@@ -260,7 +258,7 @@ def _valid(path: str) -> bool:
     try:
         with open(sp) as f:
             meta = json.load(f)
-        return all(_sha256(os.path.join(path, fn)) == d for fn, d in meta["files"].items())
+        return all(sha256_file(os.path.join(path, fn)) == d for fn, d in meta["files"].items())
     except (OSError, ValueError, KeyError):
         return False
 

@@ -57,8 +57,8 @@ def processes_with_arg(fragment: str) -> list[psutil.Process]:
     return out
 
 
-def kill_tree(roots: list[psutil.Process | dict | int], grace_s: float = 10.0) -> list[int]:
-    """SIGTERM every root and descendant; SIGKILL what is still alive after ``grace_s``. Returns the PIDs signalled."""
+def tree(roots) -> dict[int, psutil.Process]:
+    """Every live process of the given roots (Process, PID record or PID) and all their descendants, by PID."""
     procs: dict[int, psutil.Process] = {}
     for r in roots:
         p = r if isinstance(r, psutil.Process) else resolve(r)
@@ -70,6 +70,12 @@ def kill_tree(roots: list[psutil.Process | dict | int], grace_s: float = 10.0) -
                 procs[c.pid] = c
         except psutil.NoSuchProcess:
             continue
+    return procs
+
+
+def kill_tree(roots: list[psutil.Process | dict | int], grace_s: float = 10.0) -> list[int]:
+    """SIGTERM every root and descendant; SIGKILL what is still alive after ``grace_s``. Returns the PIDs signalled."""
+    procs = tree(roots)
     procs.pop(os.getpid(), None)
     if not procs:
         return []

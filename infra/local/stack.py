@@ -508,24 +508,15 @@ def rss_bytes(cfg: StackConfig) -> dict[str, int]:
     """Resident memory per service (roots + descendants, and Ray's processes by temp dir)."""
     import psutil
 
-    from infra.local.killtree import resolve
+    from infra.local.killtree import tree
 
     out = {}
     for svc in cfg.services:
         rec = _read_record(cfg, svc) or {"pids": []}
-        procs = {}
-        roots = [resolve(r) for r in rec["pids"]]
+        roots = list(rec["pids"])
         if svc == "ray":
             roots += processes_with_arg(rec.get("temp_dir") or cfg.ray_temp_dir)
-        for p in roots:
-            if p is None:
-                continue
-            try:
-                procs[p.pid] = p
-                for c in p.children(recursive=True):
-                    procs[c.pid] = c
-            except psutil.NoSuchProcess:
-                pass
+        procs = tree(roots)
         total = 0
         for p in procs.values():
             try:

@@ -1,8 +1,5 @@
 """components.sweep: the replay-free objective (in-process) and a 2-trial Ray Tune sweep (integration)."""
 
-import os
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
@@ -84,44 +81,13 @@ def test_probe_drift_is_zero_for_the_parent_and_grows_with_the_adapter(tmp_path,
     assert [r["step"] for r in reports] == [2, 4] and all(r["drift"] >= 0 for r in reports)
 
 
-S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_stack):
-    """A private local Ray cluster (loopback, no auth, 2 CPUs) whose workers reach the SeaweedFS stack."""
-    ray = pytest.importorskip("ray")
-    s3_env = {k: v for k, v in s3_stack.env().items() if k in S3_KEYS}
-    saved = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_ADDRESS",
-                                            "RAY_USAGE_STATS_ENABLED")}
-    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    os.environ.pop("RAY_ADDRESS", None)
-    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
-             _temp_dir=tmp, log_to_driver=False, configure_logging=False, runtime_env={"env_vars": s3_env})
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 @pytest.mark.integration
 @pytest.mark.slow
-def test_two_trial_tune_sweep(ray_local, s3_stack, tmp_path, micro_config, monkeypatch):
+def test_two_trial_tune_sweep(ray_local, s3_stack, s3_env, tmp_path, micro_config, monkeypatch):
     """2-trial grid with ASHA; Tune storage on S3 (SeaweedFS)."""
     from components.model_io import list_s3
     from components.sweep import sweep
 
-    for k, v in s3_stack.env().items():
-        if k in S3_KEYS:
-            monkeypatch.setenv(k, v)
     inp = _input(tmp_path, micro_config).model_copy(update={"storage_path": f"s3://{s3_stack.bucket}/it-sweep"})
     out = sweep(inp)
     assert any(o["rel"].startswith(out.run_name + "/") for o in list_s3(f"s3://{s3_stack.bucket}/it-sweep"))

@@ -2,42 +2,12 @@
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-
-
-S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_stack):
-    """A private local Ray cluster (loopback, no auth, 2 CPUs) whose workers reach the SeaweedFS stack."""
-    ray = pytest.importorskip("ray")
-    s3_env = {k: v for k, v in s3_stack.env().items() if k in S3_KEYS}
-    saved = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_ADDRESS",
-                                            "RAY_USAGE_STATS_ENABLED", "RAY_TRAIN_V2_ENABLED")}
-    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    os.environ.pop("RAY_ADDRESS", None)
-    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
-             _temp_dir=tmp, log_to_driver=False, configure_logging=False, runtime_env={"env_vars": s3_env})
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address  # never another cluster on this machine
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_concept(tmp_path, micro_config, n=4):
@@ -85,7 +55,7 @@ def test_run_name_depends_on_content_not_cache_paths():
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_train_fold_delta_and_resume(ray_local, s3_stack, tmp_path, micro_config, monkeypatch):
+def test_train_fold_delta_and_resume(ray_local, s3_stack, s3_env, tmp_path, micro_config, monkeypatch):
     """Run A: 2 workers, storage and dataset on S3 (SeaweedFS). Run B: local storage, one injected crash."""
     from components.model_io import load_parent, reconstruct
     from components.schemas import ResourcesSpec
@@ -96,9 +66,6 @@ def test_train_fold_delta_and_resume(ray_local, s3_stack, tmp_path, micro_config
 
     from components.model_io import s3_client
 
-    for k, v in s3_stack.env().items():
-        if k in S3_KEYS:
-            monkeypatch.setenv(k, v)
     base, concept, ds = make_concept(tmp_path, micro_config)
     s3_client().upload_file(ds.parquet_path, s3_stack.bucket, "it-train/ds/data.parquet")
     method = MethodConfig(name="stamina", train={"max_train_steps": 8, "train_batch_size": 4, "checkpointing_steps": 3, "seed": 3})
