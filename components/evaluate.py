@@ -32,8 +32,22 @@ class EvalConcept(StrictModel):
     name: str = Field(description="Concept name.")
     token: str = Field(description="Concept token.")
     prompt: str = Field(description="Prompt used for sampling and the denoising probe.")
-    dataset: str = Field(description="Local path of the concept's ingested data.parquet.")
+    dataset: str = Field(description="The concept's ingested data.parquet: a local path or an s3:// URI (fetched into the cache).")
     judge_class: int | None = Field(None, description="Judge class index of this concept (built-in benchmark only).")
+
+
+class EvalRequest(StrictModel):
+    """What to evaluate after a concept, without where to write it (the Ray Train worker decides)."""
+
+    concepts: list[EvalConcept] = Field(min_length=1, description="Concepts to score (i <= t).")
+    samples_per_concept: int = Field(8, ge=1, description="Samples per concept.")
+    num_inference_steps: int = Field(25, ge=1, description="DDIM steps.")
+    guidance_scale: float = Field(3.0, ge=1.0, description="CFG scale.")
+    seed: int = Field(1234, description="Seed of samples and of the denoising probe.")
+    probe_timesteps: int = Field(8, ge=1, description="Noise levels per image in the denoising probe.")
+
+    def to_input(self, step_index: int, output_dir: str) -> "EvaluateInput":
+        return EvaluateInput(step_index=step_index, output_dir=output_dir, **self.model_dump())
 
 
 class EvaluateInput(StrictModel):
@@ -83,8 +97,10 @@ def evaluate_step(bundle: DiffusionBundle, inp: EvaluateInput, judge=None, heldo
     os.makedirs(inp.output_dir, exist_ok=True)
     row: dict[str, dict[str, float]] = {}
     grids = []
+    from components.model_io import fetch
+
     for c in inp.concepts:
-        data = load_concept_data(c.dataset)
+        data = load_concept_data(fetch(c.dataset))
         scores = {"denoise_mse": denoise_mse(bundle, data, c.prompt, inp.seed, inp.probe_timesteps)}
         n = inp.samples_per_concept
         imgs = sample(bundle, [c.prompt] * n, seeds=[inp.seed + k for k in range(n)],

@@ -1,24 +1,38 @@
-"""Train one concept with Ray Train (``TorchTrainer``, Train V2) and fold it into a delta.
+"""Train concepts with Ray Train (``TorchTrainer``, Train V2) on a warm worker group, and fold each into a delta.
 
-Each worker rebuilds the parent model (base + parent deltas, ``model_io.load_parent``), loads the
-concept parquet, attaches the method (``begin_concept``) and runs the core loop
-(``stamina_core.train.train_concept``). Ray sets up ``torch.distributed`` (gloo on CPU); the core
-loop all-reduces the adapter gradients itself, so the UNet is not wrapped in DDP and every worker
-holds identical adapter parameters. Each worker draws its own batches (seeded by ``(seed, rank, step)``).
+A :class:`TrainSession` is one Ray Train run that trains the pending concepts of a sequence one
+after another. Starting a worker group costs tens of seconds on a small machine (actor start,
+imports, placement group), so the orchestrator opens one session per submission and hands it the
+concepts in turn through a small broker actor (``_Broker``): the workers keep the folded model in
+memory and continue from it, and rank 0 also evaluates the folded model (``components.evaluate``)
+so the driver does not rebuild it. Nothing is trusted implicitly: every task names its parents by
+the sha256 of their ``delta.safetensors`` and a worker whose model does not hold exactly those
+rebuilds it from the base and the parent deltas (``model_io.load_parent``).
 
-Reports: metrics every ``report_every`` steps (from every worker: ``ray.train.report`` is a barrier);
-at every ``checkpointing_steps`` rank 0 attaches the core checkpoint folder (``checkpoint-N``) as a Ray
-checkpoint. A restarted worker group (``FailureConfig(max_failures)``) or a relaunch with the same
-run name and storage resumes from ``ray.train.get_checkpoint()``, copied back to ``checkpoint-N``
-in the worker's local folder, where the core loop finds it; the loss curve then continues exactly.
+Per concept, each worker loads the concept parquet, attaches the method (``begin_concept``) and
+runs the core loop (``stamina_core.train.train_concept``). Ray sets up ``torch.distributed`` (gloo on
+CPU); the core loop all-reduces the adapter gradients itself, so the UNet is not wrapped in DDP and
+every worker holds identical adapter parameters. Each worker draws its own batches (seeded by
+``(seed, rank, step)``).
 
-At the end rank 0 folds (``state.fold_with_delta()``) and reports a final checkpoint holding
-``delta.safetensors``, ``adapter.safetensors`` (raw trained parameters, for audit / re-fold),
-``fold_report.json``, ``losses.json`` and ``result.json`` (written last). The driver copies these
-into ``output_dir``.
+Reports: metrics every ``report_every`` steps (``ray.train.report`` from every worker); at every
+``checkpointing_steps`` rank 0 attaches the core checkpoint folder as a Ray checkpoint named
+``{run}--ckpt-NNNNNN``, where ``run`` = ``f"{sequence_id}-{index:03d}-{config_hash}"`` is the
+concept's deterministic run name (the hash covers everything that determines the result). When a
+concept starts, the worker looks for that run's newest checkpoint in the sequence's Ray storage
+(any session folder, so a relaunched job resumes a concept an earlier job was in the middle of; a
+worker group restarted by ``FailureConfig(max_failures)`` resumes the same way), and the loss curve
+continues exactly.
 
-The run name is ``f"{sequence_id}-{index:03d}-{config_hash}"`` where the hash covers everything
-that determines the result, so relaunching the same step resumes it and a changed config does not.
+At the end rank 0 folds (``state.fold_with_delta()``), evaluates when asked, and reports the
+checkpoint ``{run}--final`` holding ``delta.safetensors``, ``adapter.safetensors`` (raw trained
+parameters, for audit / re-fold), ``fold_report.json``, ``losses.json``, optionally ``eval.json`` and
+``samples.png``, and ``result.json`` (written last, with the sha256 of every other file). The driver
+copies these into ``output_dir`` and verifies them. A concept whose ``--final`` is already in storage is
+not trained again.
+
+The Ray run (session) is named after the first concept it trains, ``{run}``, under
+``{storage_path}``; ``train_concept_ray`` is the one-concept form (a session that trains one concept).
 """
 
 from __future__ import annotations
@@ -37,8 +51,10 @@ from stamina_core.config import MethodConfig, StrictModel, config_hash
 from stamina_core.errors import StaminaError
 
 FINAL_FILES = ("delta.safetensors", "adapter.safetensors", "fold_report.json", "losses.json")
+EVAL_FILES = ("eval.json", "samples.png")
 RESULT_FILE = "result.json"
 RAY_CKPT_META = "stamina_ray_checkpoint.json"
+SEP = "--"  # {run}--ckpt-NNNNNN / {run}--final inside a session's Ray storage folder
 FAIL_ENV = "STAMINA_TEST_FAIL_AT_STEP"  # test hook: fail once at this step (on the first attempt only)
 
 
@@ -68,6 +84,9 @@ class TrainConceptInput(StrictModel):
     report_every: int = Field(10, ge=1, description="Report metrics to Ray every N steps.")
     cache_dir: str | None = Field(None, description="Worker cache for s3:// inputs (default $STAMINA_CACHE or ~/.cache/stamina).")
     keep_checkpoints: int = Field(2, ge=1, description="Ray CheckpointConfig(num_to_keep).")
+    parent_delta_sha256: list[str] | None = Field(
+        None, description="sha256 of each parent delta.safetensors; lets a warm worker keep its folded model "
+        "(computed from parent_deltas when not given). Not part of the config hash.")
 
     def config_hash(self) -> str:
         """Hash of everything that determines the trained delta (not resources, storage or output paths).
@@ -106,6 +125,10 @@ class TrainConceptOutput(StrictModel):
     checkpoint_uri: str = Field(description="Where Ray stored the final checkpoint (s3://... or a local path).")
     num_workers: int = Field(description="Ray Train workers used.")
     reused: bool = Field(False, description="True when the finished run was found in storage and not relaunched.")
+    eval_json: str | None = Field(None, description="Local eval.json written by the worker (when evaluation was asked).")
+    samples_png: str | None = Field(None, description="Local samples.png written by the worker.")
+    worker_timings: dict = Field(default_factory=dict, description="Seconds inside the worker: model (load/reuse), train, fold, eval.")
+    model_reused: bool = Field(False, description="True when the worker continued from the model it already held.")
 
 
 # -- storage --------------------------------------------------------------------------------------
@@ -129,17 +152,109 @@ def storage_uri(path: str, fs) -> str:
     return f"s3://{path}" if fs is not None and type(fs).__name__ == "S3FileSystem" else path
 
 
+# -- where a run stands in storage ----------------------------------------------------------------
+
+def _join(a: str, b: str) -> str:
+    return f"{a.rstrip('/')}/{b}"
+
+
+def find_progress(path: str, fs, sequence_id: str, run: str) -> tuple[str, str, int] | None:
+    """The newest state of concept run ``run`` in any session folder of ``path`` (a Ray storage root).
+
+    Returns ``("final", dir, steps)`` when a finished ``{run}--final`` (its result.json exists) is
+    there, else ``("ckpt", dir, step)`` for the newest ``{run}--ckpt-NNNNNN`` holding its metadata file,
+    else None.
+    """
+    import pyarrow.fs as pafs
+
+    fs = fs or pafs.LocalFileSystem()
+    try:
+        sessions = [i for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                    if i.type == pafs.FileType.Directory and i.base_name.startswith(f"{sequence_id}-")]
+    except OSError:
+        return None
+    best: tuple[str, str, int] | None = None
+    for sess in sorted(sessions, key=lambda i: i.path):
+        try:
+            entries = fs.get_file_info(pafs.FileSelector(sess.path, allow_not_found=True))
+        except OSError:
+            continue
+        for e in entries:
+            if e.type != pafs.FileType.Directory or not e.base_name.startswith(run + SEP):
+                continue
+            kind = e.base_name[len(run) + len(SEP):]
+            if kind == "final":
+                if fs.get_file_info(_join(e.path, RESULT_FILE)).type == pafs.FileType.File:
+                    return ("final", e.path, -1)
+            elif kind.startswith("ckpt-") and kind[5:].isdigit():
+                step = int(kind[5:])
+                if (best is None or step > best[2]) and \
+                        fs.get_file_info(_join(e.path, RAY_CKPT_META)).type == pafs.FileType.File:
+                    best = ("ckpt", e.path, step)
+    return best
+
+
+# -- the broker between the driver and the warm worker group ---------------------------------------
+
+def _broker_class():
+    import threading
+
+    import ray
+
+    @ray.remote(num_cpus=0, max_concurrency=16)
+    class _Broker:
+        """One task slot: the driver submits a concept, the workers take it, rank 0 completes it."""
+
+        def __init__(self):
+            self._cv = threading.Condition()
+            self._task: tuple[int, dict] | None = None
+            self._results: dict[int, dict] = {}
+            self._closed = False
+
+        def submit(self, tid: int, payload: dict) -> None:
+            with self._cv:
+                self._task = (tid, payload)
+                self._cv.notify_all()
+
+        def next(self, last_tid: int | None, timeout: float = 30.0):
+            """The current unfinished task other than ``last_tid``; "wait" after ``timeout``; None when closed."""
+            with self._cv:
+                ok = self._cv.wait_for(lambda: self._closed or (
+                    self._task is not None and self._task[0] != last_tid and self._task[0] not in self._results),
+                    timeout=timeout)
+                if self._closed:
+                    return None
+                return self._task if ok else "wait"
+
+        def complete(self, tid: int, result: dict) -> None:
+            with self._cv:
+                self._results[tid] = result
+                self._cv.notify_all()
+
+        def result(self, tid: int, timeout: float = 2.0):
+            with self._cv:
+                self._cv.wait_for(lambda: tid in self._results, timeout=timeout)
+                return self._results.get(tid)
+
+        def close(self) -> None:
+            with self._cv:
+                self._closed = True
+                self._cv.notify_all()
+
+    return _Broker
+
+
 # -- the per-worker loop ----------------------------------------------------------------------------
 
-def _resolve_inputs(inp: TrainConceptInput) -> tuple[str, list[str], str | None, str]:
+def _resolve_inputs(inp: TrainConceptInput) -> tuple[str, list[str], str | None]:
+    """Local paths of the base folder, the parent deltas and the reference folder (s3:// fetched into the cache)."""
     from components.model_io import fetch
 
     cache = inp.cache_dir
     base = fetch(inp.base_dir, cache, directory=True)
     deltas = [fetch(p, cache) for p in inp.parent_deltas]
     ref = fetch(inp.reference_dir, cache, directory=True) if inp.reference_dir else None
-    data = fetch(inp.dataset, cache)
-    return base, deltas, ref, data
+    return base, deltas, ref
 
 
 def _write_json(path: str, obj) -> None:
@@ -149,54 +264,101 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def train_loop(config: dict) -> None:
-    """Ray Train worker entry point (``config = {"input": TrainConceptInput json, "fail_at": int|None}``)."""
+def _parent_shas(inp: TrainConceptInput, local_deltas: list[str] | None = None) -> list[str]:
+    if inp.parent_delta_sha256 is not None:
+        return list(inp.parent_delta_sha256)
+    from stamina_core.hashing import sha256_file
+
+    return [sha256_file(p) for p in (local_deltas if local_deltas is not None else _resolve_inputs(inp)[1])]
+
+
+class _Held:
+    """The model a warm worker holds: base + the deltas it has folded, identified by content."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.bundle = None
+        self.reference = None
+
+    @staticmethod
+    def key_of(inp: TrainConceptInput, parent_shas: list[str]) -> tuple:
+        return (inp.base_digest or os.path.abspath(inp.base_dir), inp.reference_dir,
+                tuple(inp.method.adapter.targets), tuple(parent_shas), inp.resources.use_gpu)
+
+    def get(self, inp: TrainConceptInput, device) -> tuple[object, dict, bool]:
+        from components.model_io import load_parent
+
+        want = self.key_of(inp, _parent_shas(inp))
+        if self.key == want and self.bundle is not None:
+            return self.bundle, self.reference, True
+        self.key = self.bundle = self.reference = None
+        base, deltas, ref = _resolve_inputs(inp)
+        if inp.parent_delta_sha256 is not None and _parent_shas(inp.model_copy(update={"parent_delta_sha256": None}),
+                                                               deltas) != list(inp.parent_delta_sha256):
+            raise TrainError(f"{inp.run_name()}: a parent delta does not match parent_delta_sha256; "
+                             "the chain's files changed under the run")
+        self.bundle, self.reference = load_parent(base, deltas, inp.method.adapter.targets, ref, device=device)
+        self.key = want
+        return self.bundle, self.reference, False
+
+    def advanced(self, delta_sha: str) -> None:
+        """The held model now also holds the concept whose delta has this sha256 (folded in place)."""
+        if self.key is not None:
+            k = list(self.key)
+            k[3] = k[3] + (delta_sha,)
+            self.key = tuple(k)
+
+    def drop(self) -> None:
+        self.key = self.bundle = self.reference = None
+
+
+def _train_one(inp: TrainConceptInput, eval_req: dict | None, held: _Held, rank: int, storage: tuple[str, object],
+               fail_at: int | None) -> dict | None:
+    """Train, fold, evaluate and report one concept on this worker. Returns rank 0's result (else None)."""
     import ray.train
     import ray.train.torch
     import torch
     from safetensors.torch import save_file
 
     from components.ingest import load_concept_data
-    from components.model_io import load_parent
-    from stamina_core.hashing import sha256_file
     from stamina_core.delta import save_delta
+    from stamina_core.hashing import sha256_file
     from stamina_core.methods import begin_concept, get
     from stamina_core.train import CKPT_PREFIX, train_concept
 
-    inp = TrainConceptInput.model_validate(config["input"])
-    fail_at = config.get("fail_at")
-    torch.set_num_threads(max(1, int(inp.resources.cpus_per_worker)))
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    run = inp.run_name()
     total = inp.method.train.max_train_steps
     every = inp.method.train.checkpointing_steps
+    timings: dict[str, float] = {}
     work = tempfile.mkdtemp(prefix=f"stamina-{inp.sequence_id}-{inp.index:03d}-r{rank}-")
     try:
         ckdir = os.path.join(work, "ckpts")
         os.makedirs(ckdir)
-        restored = ray.train.get_checkpoint()
-        if restored is not None:
-            with restored.as_directory() as d:
-                if os.path.isfile(os.path.join(d, RESULT_FILE)):
-                    # The step already finished (a relaunch): hand the same final files back.
-                    final = os.path.join(work, "final")
-                    shutil.copytree(d, final)
-                    with open(os.path.join(final, RESULT_FILE)) as f:
-                        metrics = json.load(f)["metrics"]
-                    ck = ray.train.Checkpoint.from_directory(final) if rank == 0 else None
-                    ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name="final" if rank == 0 else None)
-                    return
-                with open(os.path.join(d, RAY_CKPT_META)) as f:
-                    step = int(json.load(f)["step"])
-                shutil.copytree(d, os.path.join(ckdir, f"{CKPT_PREFIX}{step}"),
-                                ignore=shutil.ignore_patterns(RAY_CKPT_META))
+        t0 = time.perf_counter()
+        found = find_progress(storage[0], storage[1], inp.sequence_id, run)
+        if found is not None and found[0] == "final":
+            # Finished by an earlier attempt (reported, not yet handed over): hand it over as it is.
+            held.drop()  # this worker did not fold it: rebuild for the next concept
+            with open_dir(found[1], storage[1]) as d:
+                with open(os.path.join(d, RESULT_FILE)) as f:
+                    res = json.load(f)
+            return {"run": run, "final_dir": found[1], "steps": res["steps"], "recovered": True} if rank == 0 else None
+        resumed = False
+        if found is not None:
+            with open_dir(found[1], storage[1]) as d:
+                shutil.copytree(d, os.path.join(ckdir, f"{CKPT_PREFIX}{found[2]}"), ignore=shutil.ignore_patterns(RAY_CKPT_META))
+            resumed = True
+        timings["find_checkpoint_s"] = time.perf_counter() - t0
 
+        t0 = time.perf_counter()
         device = ray.train.torch.get_device() if inp.resources.use_gpu else torch.device("cpu")
-        base, deltas, ref, data_path = _resolve_inputs(inp)
-        bundle, reference = load_parent(base, deltas, inp.method.adapter.targets, ref, device=device)
-        data = load_concept_data(data_path)
+        bundle, reference, reused = held.get(inp, device)
+        data = load_concept_data(_resolve_inputs_data(inp))
+        held_before = (held.key, held.bundle, held.reference)
+        held.drop()  # while training, the model is not in a known state until it folds
         state = begin_concept(get(inp.method.name), inp.method, bundle.unet, bundle.text_encoder, bundle.tokenizer,
                               inp.concept.token, reference)
+        timings["model_s"] = time.perf_counter() - t0
 
         def on_step(done: int, metrics: dict) -> None:
             if done >= total:
@@ -205,28 +367,38 @@ def train_loop(config: dict) -> None:
             if not (is_ckpt or done % inp.report_every == 0):
                 return
             m = {k: float(v) for k, v in metrics.items()}
+            m["concept_index"] = float(inp.index)
             path = os.path.join(ckdir, f"{CKPT_PREFIX}{done}")
             if is_ckpt and rank == 0 and os.path.isdir(path):
-                _write_json(os.path.join(path, RAY_CKPT_META), {"step": done, "run": inp.run_name()})
+                _write_json(os.path.join(path, RAY_CKPT_META), {"step": done, "run": run})
                 ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(path),
-                                 checkpoint_dir_name=f"checkpoint-{done:06d}")
+                                 checkpoint_dir_name=f"{run}{SEP}ckpt-{done:06d}")
                 os.remove(os.path.join(path, RAY_CKPT_META))
             else:
                 ray.train.report(m)
-            if fail_at is not None and done == fail_at and restored is None:
+            if fail_at is not None and done == fail_at and not resumed:
                 raise RuntimeError(f"{FAIL_ENV}={fail_at}: injected failure after step {done} (test hook)")
 
+        t0 = time.perf_counter()
         res = train_concept(bundle, state, data, output_dir=ckdir, resume=True, on_step=on_step)
-        final_metrics = {"step": float(res.steps), "loss": float(res.losses[-1]) if res.losses else float("nan")}
+        timings["train_s"] = time.perf_counter() - t0
+        final_metrics = {"step": float(res.steps), "loss": float(res.losses[-1]) if res.losses else float("nan"),
+                         "concept_index": float(inp.index)}
+        t0 = time.perf_counter()
+        raw = {k: v.detach().float().cpu().contiguous() for k, v in state.named_trainable().items()} if rank == 0 else None
+        report, dl = state.fold_with_delta()  # every rank folds: the warm model moves on to the next concept
+        timings["fold_s"] = time.perf_counter() - t0
         ck = None
+        out = None
+        final = os.path.join(work, "final")
+        os.makedirs(final)
+        save_delta(os.path.join(final, "delta.safetensors"), dl, inp.concept.token,
+                   {"run": run, "concept": inp.concept.name, "method": inp.method.name,
+                    "config_hash": inp.config_hash(), "steps": res.steps})
+        delta_sha = sha256_file(os.path.join(final, "delta.safetensors"))
+        held.key, held.bundle, held.reference = held_before
+        held.advanced(delta_sha)  # the folded model is parent + this delta, bit for bit
         if rank == 0:
-            final = os.path.join(work, "final")
-            os.makedirs(final)
-            raw = {k: v.detach().float().cpu().contiguous() for k, v in state.named_trainable().items()}
-            report, dl = state.fold_with_delta()
-            meta = {"run": inp.run_name(), "concept": inp.concept.name, "method": inp.method.name,
-                    "config_hash": inp.config_hash(), "steps": res.steps}
-            save_delta(os.path.join(final, "delta.safetensors"), dl, inp.concept.token, meta)
             save_file(raw, os.path.join(final, "adapter.safetensors"),
                       metadata={"format": "stamina-adapter/1", "token": inp.concept.token,
                                 "method": json.dumps(inp.method.model_dump(mode="json"), sort_keys=True)})
@@ -234,31 +406,92 @@ def train_loop(config: dict) -> None:
             _write_json(os.path.join(final, "fold_report.json"), {**report.model_dump(mode="json"), "summary": summary})
             _write_json(os.path.join(final, "losses.json"), {"losses": res.losses, "penalties": res.penalties,
                                                              "steps": res.steps, "resumed_from": res.resumed_from})
+            files = list(FINAL_FILES)
+            if eval_req is not None:
+                from components.evaluate import EvalRequest, evaluate_step
+
+                t0 = time.perf_counter()
+                evaluate_step(bundle, EvalRequest.model_validate(eval_req).to_input(inp.index, final))
+                timings["eval_s"] = time.perf_counter() - t0
+                files += list(EVAL_FILES)
             final_metrics["mean_density"] = float(summary["mean_density"]) if summary["mean_density"] is not None else -1.0
+            timings["reused_model"] = float(reused)
             _write_json(os.path.join(final, RESULT_FILE), {
-                "run": inp.run_name(), "steps": res.steps, "resumed_from": res.resumed_from, "wall_s": res.wall_s,
-                "fold_summary": summary, "metrics": final_metrics,
-                "files": {fn: sha256_file(os.path.join(final, fn)) for fn in FINAL_FILES}})
+                "run": run, "steps": res.steps, "resumed_from": res.resumed_from, "wall_s": res.wall_s,
+                "fold_summary": summary, "metrics": final_metrics, "timings": timings,
+                "files": {fn: sha256_file(os.path.join(final, fn)) for fn in files}})
             ck = ray.train.Checkpoint.from_directory(final)
-        ray.train.report(final_metrics, checkpoint=ck, checkpoint_dir_name="final" if rank == 0 else None)
+        ray.train.report(final_metrics, checkpoint=ck, checkpoint_dir_name=f"{run}{SEP}final" if rank == 0 else None)
+        if rank == 0:
+            out = {"run": run, "steps": res.steps, "recovered": False}
+        return out
+    except BaseException:
+        held.drop()
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _resolve_inputs_data(inp: TrainConceptInput) -> str:
+    from components.model_io import fetch
+
+    return fetch(inp.dataset, inp.cache_dir)
+
+
+class open_dir:
+    """A storage folder (s3 via pyarrow fs, or local) as a local directory for reading."""
+
+    def __init__(self, path: str, fs):
+        self.path, self.fs, self.tmp = path, fs, None
+
+    def __enter__(self) -> str:
+        import pyarrow.fs as pafs
+
+        if self.fs is None or isinstance(self.fs, pafs.LocalFileSystem):
+            return self.path
+        self.tmp = tempfile.mkdtemp(prefix="stamina-dl-")
+        pafs.copy_files(self.path, self.tmp, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+        return self.tmp
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def session_loop(config: dict) -> None:
+    """Ray Train worker entry point: take concepts from the broker until it closes.
+
+    ``config = {"broker": actor handle, "storage_path": str, "fail_at": int | None}``.
+    """
+    import ray
+    import ray.train
+    import torch
+
+    broker = config["broker"]
+    fail_at = config.get("fail_at")
+    storage = ray_storage(config["storage_path"])
+    rank = ray.train.get_context().get_world_rank()
+    held = _Held()
+    last = None
+    threads_set = False
+    while True:
+        task = ray.get(broker.next.remote(last))
+        if task is None:
+            return
+        if task == "wait":
+            continue
+        tid, payload = task
+        inp = TrainConceptInput.model_validate(payload["input"])
+        if not threads_set:
+            torch.set_num_threads(max(1, int(inp.resources.cpus_per_worker)))
+            threads_set = True
+        out = _train_one(inp, payload.get("eval"), held, rank, storage, fail_at)
+        if rank == 0:
+            ray.get(broker.complete.remote(tid, out))
+        last = tid
+
+
 # -- the driver -----------------------------------------------------------------------------------
-
-def _finished_in_storage(path: str, fs, name: str) -> str | None:
-    """``{storage}/{name}/final`` when a finished run left its final checkpoint there (its result.json exists)."""
-    import pyarrow.fs as pafs
-
-    fs = fs or pafs.LocalFileSystem()
-    final = f"{path}/{name}/final"
-    try:
-        info = fs.get_file_info(f"{final}/{RESULT_FILE}")
-    except OSError:
-        return None
-    return final if info.type == pafs.FileType.File else None
-
 
 def _copy_final(src_dir: str, fs, out: str) -> dict:
     """Copy the final files (result.json last) into ``out`` and verify their sha256 against result.json."""
@@ -272,77 +505,203 @@ def _copy_final(src_dir: str, fs, out: str) -> dict:
     marker = os.path.join(out, RESULT_FILE)
     if os.path.exists(marker):
         os.remove(marker)
+    for fn in EVAL_FILES:  # never let an older step's evaluation pass for this one
+        if os.path.exists(os.path.join(out, fn)):
+            os.remove(os.path.join(out, fn))
     tmp_marker = marker + ".tmp"
-    pafs.copy_files(f"{src_dir}/{RESULT_FILE}", tmp_marker, source_filesystem=fs, destination_filesystem=local)
+    pafs.copy_files(_join(src_dir, RESULT_FILE), tmp_marker, source_filesystem=fs, destination_filesystem=local)
     with open(tmp_marker) as f:
         res = json.load(f)
-    for fn in FINAL_FILES:
+    missing = [fn for fn in FINAL_FILES if fn not in res.get("files", {})]
+    if missing:
+        raise TrainError(f"{src_dir}/{RESULT_FILE}: lists no {missing[0]}; delete the run's final folder and relaunch")
+    for fn, sha in res["files"].items():
+        if os.path.basename(fn) != fn or fn in (RESULT_FILE, "") or fn.startswith("."):
+            raise TrainError(f"{src_dir}/{RESULT_FILE}: bad file name {fn!r}")
         dst = os.path.join(out, fn)
-        pafs.copy_files(f"{src_dir}/{fn}", dst, source_filesystem=fs, destination_filesystem=local)
-        if sha256_file(dst) != res["files"][fn]:
-            raise TrainError(f"{src_dir}/{fn}: sha256 does not match result.json; delete the run's final/ folder and relaunch")
+        pafs.copy_files(_join(src_dir, fn), dst, source_filesystem=fs, destination_filesystem=local)
+        if sha256_file(dst) != sha:
+            raise TrainError(f"{src_dir}/{fn}: sha256 does not match result.json; delete the run's final folder and relaunch")
     os.replace(tmp_marker, marker)  # last: marks the folder complete
     return res
 
 
-def train_concept_ray(inp: TrainConceptInput) -> TrainConceptOutput:
-    """Run (or resume) the concept's Ray Train job and copy its final files into ``inp.output_dir``.
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
 
-    A run whose final checkpoint is already in storage (same run name) is not relaunched: its files
-    are copied and verified (``reused=True``).
+
+class TrainSession:
+    """One Ray Train run (``TorchTrainer``) that trains concepts one after another on a warm worker group.
+
+    ``train(inp)`` runs one concept and returns its verified files; the worker group starts on the first
+    call (the Ray run is named after that concept's run name) and stays up until ``close()``. Use it as
+    a context manager. Resources, storage and failure handling come from the first concept's input.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
-    path, fs = ray_storage(inp.storage_path)
-    name = inp.run_name()
-    r = inp.resources
-    t0 = time.perf_counter()
-    done = _finished_in_storage(path, fs, name)
-    reused = False
-    if done is not None:
-        try:
-            res = _copy_final(done, fs, inp.output_dir)
-            reused = True
-            ck_uri = storage_uri(done, fs)
-        except (OSError, KeyError, ValueError, TrainError):
-            done = None  # incomplete upload: let Ray Train resume and rewrite it
-    if done is None:
+    def __init__(self, poll_s: float = 1.0):
+        self._poll_s = poll_s
+        self._broker = None
+        self._thread = None
+        self._error: BaseException | None = None
+        self._tid = 0
+        self._key: tuple | None = None
+        self.name: str | None = None
+        self.started_at: float | None = None
+
+    def __enter__(self) -> "TrainSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _start(self, inp: TrainConceptInput) -> None:
+        self.open(inp.sequence_id, inp.storage_path, inp.resources, inp.keep_checkpoints, inp.run_name())
+
+    def open(self, sequence_id: str, storage_path: str, resources: ResourcesSpec, keep_checkpoints: int = 2,
+             name: str | None = None) -> None:
+        """Start the worker group now (it boots while the caller prepares the first concept).
+
+        ``name``: the Ray run name (default ``{sequence_id}-session-<random>``). Resuming a concept does not
+        depend on it: checkpoints are found by the concept's run name in any session folder.
+        """
+        import threading
+        import uuid
+
+        import ray
+        import ray.train
+        from ray.train.torch import TorchTrainer
+
+        self.close()
+        if not ray.is_initialized():
+            ray.init()  # RAY_ADDRESS (set by `ray job submit`) or a local cluster
+        path, fs = ray_storage(storage_path)
+        r = resources
+        self._broker = _broker_class().remote()
         fail_at = os.environ.get(FAIL_ENV)
+        self.name = name or f"{sequence_id}-session-{uuid.uuid4().hex[:8]}"
+        self._key = (storage_path, sequence_id, r.model_dump_json())
         trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={"input": inp.model_dump(mode="json"), "fail_at": int(fail_at) if fail_at else None},
+            session_loop,
+            train_loop_config={"broker": self._broker, "storage_path": storage_path,
+                               "fail_at": int(fail_at) if fail_at else None},
             scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                                    resources_per_worker={"CPU": r.cpus_per_worker}),
             run_config=ray.train.RunConfig(
-                name=name, storage_path=path, storage_filesystem=fs,
+                name=self.name, storage_path=path, storage_filesystem=fs,
                 failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(inp.keep_checkpoints, 1)),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(keep_checkpoints, 1)),
             ),
         )
-        try:
-            result = trainer.fit()
-        except Exception as e:  # Ray wraps worker errors (TrainingFailedError); keep the first line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TrainError(f"Ray Train run {name} failed after {r.max_failures} retries: {first}; "
-                             f"see the worker logs, fix the cause and relaunch to resume") from e
-        ck = result.checkpoint
-        if ck is None:
-            raise TrainError(f"Ray Train run {name} finished without a checkpoint; relaunch to resume")
-        try:
-            res = _copy_final(ck.path, ck.filesystem, inp.output_dir)
-        except (OSError, KeyError) as e:
-            raise TrainError(f"Ray Train run {name}: the last checkpoint ({ck.path}) is not a complete final one "
-                             f"({type(e).__name__}); relaunch to resume") from None
-        ck_uri = storage_uri(ck.path, ck.filesystem)
-    wall = time.perf_counter() - t0
-    out = inp.output_dir
-    with open(os.path.join(out, "losses.json")) as f:
-        losses = json.load(f)
-    return TrainConceptOutput(
-        run_name=name, delta_path=os.path.join(out, "delta.safetensors"), adapter_path=os.path.join(out, "adapter.safetensors"),
-        fold_report_path=os.path.join(out, "fold_report.json"), losses_path=os.path.join(out, "losses.json"),
-        losses=losses["losses"], steps=int(res["steps"]), resumed_from=int(res["resumed_from"]), wall_s=wall,
-        train_wall_s=float(res["wall_s"]), fold_summary=res["fold_summary"], checkpoint_uri=ck_uri,
-        num_workers=r.num_workers, reused=reused,
-    )
+        self._error = None
+
+        def fit() -> None:
+            try:
+                trainer.fit()
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting driver
+                self._error = e
+
+        self.started_at = time.perf_counter()
+        self._thread = threading.Thread(target=fit, name=f"ray-train-{self.name}", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 120.0) -> None:
+        """Tell the workers to finish and wait for the Ray Train run to end."""
+        import ray
+
+        if self._broker is not None:
+            try:
+                ray.get(self._broker.close.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - the actor may be gone with a failed run
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._broker is not None:
+            try:
+                ray.kill(self._broker)
+            except Exception:  # noqa: BLE001
+                pass
+        self._broker = self._thread = None
+
+    def train(self, inp: TrainConceptInput, evaluate=None) -> TrainConceptOutput:
+        """Train (or take from storage) one concept; ``evaluate``: an ``EvalRequest`` run by rank 0 after the fold."""
+        import ray
+
+        path, fs = ray_storage(inp.storage_path)
+        name = inp.run_name()
+        r = inp.resources
+        t0 = time.perf_counter()
+        found = find_progress(path, fs, inp.sequence_id, name)
+        res = None
+        if found is not None and found[0] == "final":
+            try:
+                res = _copy_final(found[1], fs, inp.output_dir)
+                reused, final_dir = True, found[1]
+            except (OSError, KeyError, ValueError, TrainError):
+                res = None  # an incomplete upload: train again (resumes from its newest checkpoint)
+        if res is None:
+            if self.running and self._key != (inp.storage_path, inp.sequence_id, r.model_dump_json()):
+                self.close()
+            if not self.running:
+                self.close()
+                self._start(inp)
+            if inp.parent_delta_sha256 is None:
+                inp = inp.model_copy(update={"parent_delta_sha256": _parent_shas(inp)})
+            self._tid += 1
+            tid = self._tid
+            payload = {"input": inp.model_dump(mode="json"),
+                       "eval": evaluate.model_dump(mode="json") if evaluate is not None else None}
+            ray.get(self._broker.submit.remote(tid, payload))
+            out = None
+            while out is None:
+                out = ray.get(self._broker.result.remote(tid, self._poll_s))
+                if out is None and not self.running:
+                    err = self._error
+                    self.close()
+                    if err is None:
+                        raise TrainError(f"Ray Train run {self.name} ended before concept {name} finished; relaunch to resume")
+                    raise TrainError(f"Ray Train run {self.name} failed on concept {name} after {r.max_failures} "
+                                     f"retries: {_first_line(err)}; see the worker logs, fix the cause and relaunch "
+                                     "to resume") from err
+            found = find_progress(path, fs, inp.sequence_id, name)
+            if found is None or found[0] != "final":
+                raise TrainError(f"Ray Train run {self.name}: concept {name} reported done but {name}{SEP}final is not "
+                                 "in storage; relaunch to resume")
+            final_dir = found[1]
+            try:
+                res = _copy_final(final_dir, fs, inp.output_dir)
+            except (OSError, KeyError) as e:
+                raise TrainError(f"Ray Train run {self.name}: {final_dir} is not a complete final checkpoint "
+                                 f"({type(e).__name__}); relaunch to resume") from None
+            reused = False
+        wall = time.perf_counter() - t0
+        out_dir = inp.output_dir
+        with open(os.path.join(out_dir, "losses.json")) as f:
+            losses = json.load(f)
+        has_eval = all(fn in res["files"] for fn in EVAL_FILES)
+        return TrainConceptOutput(
+            run_name=name, delta_path=os.path.join(out_dir, "delta.safetensors"),
+            adapter_path=os.path.join(out_dir, "adapter.safetensors"),
+            fold_report_path=os.path.join(out_dir, "fold_report.json"), losses_path=os.path.join(out_dir, "losses.json"),
+            losses=losses["losses"], steps=int(res["steps"]), resumed_from=int(res["resumed_from"]), wall_s=wall,
+            train_wall_s=float(res["wall_s"]), fold_summary=res["fold_summary"], checkpoint_uri=storage_uri(final_dir, fs),
+            num_workers=r.num_workers, reused=reused,
+            eval_json=os.path.join(out_dir, "eval.json") if has_eval else None,
+            samples_png=os.path.join(out_dir, "samples.png") if has_eval else None,
+            worker_timings={k: float(v) for k, v in res.get("timings", {}).items()},
+            model_reused=bool(res.get("timings", {}).get("reused_model", 0.0)),
+        )
+
+
+def train_concept_ray(inp: TrainConceptInput, evaluate=None) -> TrainConceptOutput:
+    """Run (or resume) one concept's Ray Train job and copy its final files into ``inp.output_dir``.
+
+    A concept whose final checkpoint is already in storage (same run name) is not trained again: its
+    files are copied and verified (``reused=True``).
+    """
+    with TrainSession() as s:
+        return s.train(inp, evaluate)

@@ -110,3 +110,44 @@ def test_runs_registry_and_lineage_against_s3(full_stack, tmp_path):
 
     mc.set_terminated(parent)
     assert lin.runs_finished(seq)
+
+
+def test_crash_between_publish_and_register_is_repaired_by_the_next_submission(full_stack, tmp_path):
+    """Fault injection: step 2 reached S3 (manifest + HEAD) but the job died before its MLflow registration."""
+    from components.lineage import LineageMismatch
+    from pipelines.sequence import _reconcile_registry
+
+    info = full_stack
+    seq = f"crash-{uuid.uuid4().hex[:8]}"
+    tracker = Lineage(info.mlflow_uri)
+    store = ChainStore(f"s3://{info.bucket}/runs", seq, client=s3_client(info=info))
+    store.write_sequence({"sequence_id": seq}, "cfg1")
+    prev = store.commit_base({"uri": "tiny://base", "digest": "0" * 64}, "cfg1")
+    head = store.advance_head(prev, None)
+    name = f"stamina-{seq}"
+    v1 = None
+    for i in (1, 2):
+        d = tmp_path / f"s{i}"
+        d.mkdir()
+        (d / "delta.safetensors").write_bytes(bytes([i]) * 64)
+        prev = store.commit_step(i, f"c{i}", {"delta.safetensors": str(d / "delta.safetensors")}, prev.digest, "cfg1", {})
+        head = store.advance_head(prev, head.etag)
+        if i == 1:  # step 1 completed normally; the "crash" hits after step 2's publish
+            v1 = tracker.register_folded(name, prev.uri, prev.digest, None, None, seq, 1)
+    with pytest.raises(LineageMismatch, match="S3 step 2 .* has no registered version"):
+        tracker.verify(store, name)
+
+    class Cfg:
+        sequence_id = seq
+
+        @staticmethod
+        def model_name():
+            return name
+
+    _reconcile_registry(tracker, Cfg, store.steps())
+    chain = tracker.verify(store, name)
+    assert [e.step for e in chain] == [1, 2]
+    versions = tracker.chain(name)
+    assert versions[0]["step"] == 2 and versions[0]["parent_version"] == v1 and versions[0]["aliases"] == ["head"]
+    _reconcile_registry(tracker, Cfg, store.steps())  # idempotent: nothing new registered
+    assert [v["version"] for v in tracker.chain(name)] == [v["version"] for v in versions]
