@@ -414,7 +414,20 @@ def breakdown(inproc: dict, pipe: dict) -> dict:
         "lineage_total_s": sum(r.get("lineage_s") or 0.0 for r in per),
         "rest_total_s": sum(r["rest_s"] for r in per),
         "inproc_setup_s": inproc["load_base_s"] + inproc["ingest_s"],
+        "session_close_s": s.get("session_close_s"),
+        **_driver_parts(pipe),
     }
+
+
+def _driver_parts(pipe: dict) -> dict:
+    """Split the time outside run_sequence: submit -> driver process, imports, after run_sequence -> submit returns."""
+    tl = pipe["summary"].get("driver_timeline") or {}
+    t0 = pipe.get("submit_unix_s")
+    if not t0 or "process_start" not in tl or "main" not in tl or "run_end" not in tl:
+        return {}
+    return {"submit_to_driver_process_s": tl["process_start"] - t0,
+            "driver_imports_s": tl["main"] - tl["process_start"],
+            "driver_exit_and_cli_s": t0 + pipe["submit_wall_s"] - tl["run_end"]}
 
 
 def _f(x, fmt="{:.1f}") -> str:
@@ -466,7 +479,10 @@ def markdown(res: dict) -> str:
         "| part | s |",
         "|---|---:|",
         f"| job submission, runtime env, driver start/exit (`submit` wall - `run_sequence` wall) | {b['job_submission_and_driver_s']:.1f} |",
-        f"| sequence setup in the driver (base, ingest, S3 sequence/base commit, MLflow parent run) | {b['sequence_setup_s']:.1f} |",
+        f"| of which `ray job submit` until the driver process starts (CLI, working-dir upload, job supervisor, runtime env) | {_f(b.get('submit_to_driver_process_s'))} |",
+        f"| of which driver imports (torch, diffusers, Ray, MLflow clients) | {_f(b.get('driver_imports_s'))} |",
+        f"| of which driver exit and the CLI noticing the job ended | {_f(b.get('driver_exit_and_cli_s'))} |",
+        f"| sequence setup and teardown in the driver (base, ingest, S3 sequence/base commit, MLflow parent run; worker group shutdown {_f(b.get('session_close_s'))} s) | {b['sequence_setup_s']:.1f} |",
         f"| (in-process counterpart: load base + ingest) | {b['inproc_setup_s']:.1f} |",
         f"| concept steps, total | {b['steps_total_s']:.1f} |",
         f"| of which Ray Train overhead (task wait - model - training loop - fold - eval: worker group start on the first concept, reports, checkpoint uploads, hand-over) | {b['ray_train_overhead_total_s']:.1f} |",

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from stamina_core.classification.continual import ClassificationConfig
+from stamina_core.classification.pretrain import PretrainConfig
 from stamina_core.config import MethodConfig, StrictModel
 from stamina_core.models.bundle import TinyModelConfig
 
@@ -132,6 +134,96 @@ class ResourcesSpec(StrictModel):
     max_failures: int = Field(1, ge=0, description="Ray Train FailureConfig(max_failures).")
 
 
+class ClassificationBackboneSpec(StrictModel):
+    """The frozen ViT backbone of a classification chain."""
+
+    kind: Literal["pretrain", "path"] = Field(
+        "pretrain", description="'pretrain': the project's Glyph ViT, pretrained once from 'pretrain' and cached; "
+        "'path': a saved classifier or a Hugging Face ViT folder (save_pretrained, safetensors), local or s3://."
+    )
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Pretraining config (kind=pretrain).")
+    path: str | None = Field(None, description="Backbone folder (kind=path).")
+
+    @model_validator(mode="after")
+    def _need_path(self) -> "ClassificationBackboneSpec":
+        if self.kind == "path":
+            if not self.path:
+                raise ValueError("classification.backbone.path is required when kind is 'path'")
+            check_uri(self.path, "classification.backbone.path")
+        elif self.path is not None:
+            raise ValueError("classification.backbone.path is only used with kind: path")
+        return self
+
+
+class GlyphRTasksSpec(StrictModel):
+    """Glyph-R tasks (held-out glyph classes in rendition styles), generated from a seed."""
+
+    classes_per_task: int = Field(10, ge=1, description="New classes per task.")
+    train_per_class: int = Field(60, ge=1, description="Training images per class.")
+    test_per_class: int = Field(20, ge=1, description="Test images per class.")
+    image_size: int = Field(32, ge=8, description="Image side in pixels (must suit the backbone).")
+    style: Literal["rendition", "clean"] = Field("rendition", description="Rendering style.")
+    seed: int = Field(0, description="Seed of the class order and the rendering.")
+
+
+class FolderTasksSpec(StrictModel):
+    """An ImageNet-R-style folder (root/<class>/<image>): seeded class order cut into tasks."""
+
+    root: str = Field(description="Local folder with one sub-folder of images per class.")
+    classes_per_task: int = Field(ge=1, description="New classes per task.")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Per-class fraction of images held out for testing.")
+    image_size: int = Field(32, ge=8, description="Images are resized to this side.")
+    channels: Literal[1, 3] = Field(1, description="1 = grey, 3 = RGB.")
+    min_per_class: int = Field(2, ge=2, description="Fewer images in a class folder is an error.")
+    seed: int = Field(0, description="Seed of the class order and the train/test split.")
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        if v.startswith("s3://"):
+            raise ValueError(f"{v!r}: the image folder must be a local path")
+        return check_uri(v, "classification.data.folder.root")
+
+
+class ClassificationDataSpec(StrictModel):
+    kind: Literal["glyph_r", "folder"] = Field("glyph_r", description="'glyph_r': generated; 'folder': class-per-directory.")
+    glyph_r: GlyphRTasksSpec = Field(default_factory=GlyphRTasksSpec, description="Glyph-R tasks (kind=glyph_r).")
+    folder: FolderTasksSpec | None = Field(None, description="Image folder tasks (kind=folder).")
+
+    @model_validator(mode="after")
+    def _need_folder(self) -> "ClassificationDataSpec":
+        if self.kind == "folder" and self.folder is None:
+            raise ValueError("classification.data.folder is required when kind is 'folder'")
+        if self.kind == "glyph_r" and self.folder is not None:
+            raise ValueError("classification.data.folder is only used with kind: folder")
+        return self
+
+    def classes_per_task(self) -> int:
+        return self.folder.classes_per_task if self.kind == "folder" and self.folder else self.glyph_r.classes_per_task
+
+
+class ClassificationSpec(StrictModel):
+    """task: classification: a class-incremental sequence (one chain step per task of new classes)."""
+
+    tasks: int = Field(ge=1, description="Number of tasks (steps); raising it and resubmitting continues from HEAD.")
+    backbone: ClassificationBackboneSpec = Field(default_factory=ClassificationBackboneSpec, description="The ViT backbone.")
+    data: ClassificationDataSpec = Field(default_factory=ClassificationDataSpec, description="Where the tasks come from.")
+    continual: ClassificationConfig = Field(
+        default_factory=ClassificationConfig, description="Method (stamina, lora_seq, clora, seq_ft, head_only) and its knobs."
+    )
+
+    @model_validator(mode="after")
+    def _method(self) -> "ClassificationSpec":
+        if self.continual.method == "joint":
+            raise ValueError("classification.continual.method: 'joint' is an offline upper bound, not a sequence; "
+                             "run it with bench/classification.py")
+        return self
+
+    def step_name(self, index: int) -> str:
+        """Chain step name of task ``index`` (1-based)."""
+        return f"task-{index:03d}"
+
+
 class SequenceConfig(StrictModel):
     """The whole submission: base model, method, concepts, storage, evaluation, resources."""
 
@@ -139,13 +231,18 @@ class SequenceConfig(StrictModel):
     task: Literal["diffusion", "classification"] = Field("diffusion", description="Which track the sequence runs.")
     base: BaseModelSpec = Field(default_factory=BaseModelSpec, description="The frozen base of the chain.")
     method: MethodConfig = Field(default_factory=MethodConfig, description="Continual method and its knobs.")
-    concepts: list[ConceptSpec] = Field(min_length=1, description="Ordered concepts; appending continues from HEAD.")
+    concepts: list[ConceptSpec] = Field(
+        default_factory=list, description="Ordered concepts (task: diffusion, at least one); appending continues from HEAD."
+    )
     storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 chain location.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation after each concept.")
     sweep: SweepSpec = Field(default_factory=SweepSpec, description="Optional Ray Tune sweep.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Ray Train resources.")
     mlflow_experiment: str = Field("stamina", min_length=1, description="MLflow experiment name.")
     registered_model: str | None = Field(None, description="MLflow registered model name (default: stamina-SEQUENCE_ID).")
+    classification: ClassificationSpec | None = Field(
+        None, description="task: classification only: backbone, task data and continual method (replaces base/method/concepts)."
+    )
 
     @field_validator("sequence_id")
     @classmethod
@@ -153,6 +250,23 @@ class SequenceConfig(StrictModel):
         if not _NAME_RE.match(v):
             raise ValueError(f"{v!r} must match [a-z0-9][a-z0-9_-]* (max 63 chars)")
         return v
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> "SequenceConfig":
+        if self.task == "diffusion":
+            if self.classification is not None:
+                raise ValueError("classification: only used with task: classification (this config has task: diffusion)")
+            if not self.concepts:
+                raise ValueError("concepts: at least one concept is required (task: diffusion)")
+            return self
+        if self.classification is None:
+            raise ValueError("classification: required with task: classification (backbone, data, tasks, continual)")
+        unused = [f for f in ("base", "method", "concepts", "sweep", "eval") if f in self.model_fields_set]
+        if unused:
+            raise ValueError(f"{unused[0]}: not used with task: classification; configure the classification: block instead")
+        if self.resources.num_workers != 1:
+            raise ValueError("resources.num_workers: task: classification trains each task on one Ray Train worker; set 1")
+        return self
 
     @model_validator(mode="after")
     def _unique(self) -> "SequenceConfig":

@@ -25,13 +25,13 @@ import uuid
 
 from pydantic import Field
 
-from components.evaluate import EvalConcept, EvaluateInput, evaluate_step
+from components.evaluate import EvalConcept, EvalRequest, EvaluateInput, EvaluateOutput, evaluate_step
 from components.ingest import IngestInput, ingest
 from components.model_io import default_cache_dir, model_digest, reconstruct, resolve_base
 from components.publish import PublishInput, publish_step
 from components.schemas import SequenceConfig
 from components.store import ChainStore, StoreError, s3_client
-from components.train_concept import TrainConceptInput, train_concept_ray
+from components.train_concept import TrainConceptInput, TrainSession
 from stamina_core.config import StrictModel, config_hash, load_yaml, parse
 from stamina_core.errors import ConfigError, StaminaError
 from stamina_core.models.bundle import load_model
@@ -46,11 +46,14 @@ class StepSummary(StrictModel):
     name: str = Field(description="Concept name.")
     steps: int = Field(description="Training steps.")
     wall_s: float = Field(description="Wall time of the whole step (ingest..register).")
-    train_wall_s: float = Field(description="Wall time of the Ray Train run.")
+    train_wall_s: float = Field(description="Wall time of the training loop (inside the Ray Train worker).")
     score: float | None = Field(None, description="denoise_mse of this concept right after learning it.")
     manifest_uri: str = Field(description="s3:// URI of the step manifest.")
     model_version: str | None = Field(None, description="MLflow registered model version.")
     skipped: bool = Field(False, description="True when the step was already committed (no work done).")
+    train_run_s: float | None = Field(None, description="Driver wall time waiting for the concept's Ray Train task.")
+    eval_s: float | None = Field(None, description="Evaluation wall time (inside the worker, or the driver fallback).")
+    worker_timings: dict = Field(default_factory=dict, description="Seconds inside the worker: model, train, fold, eval.")
 
 
 class SequenceSummary(StrictModel):
@@ -62,6 +65,10 @@ class SequenceSummary(StrictModel):
     steps: list[StepSummary]
     head_index: int
     wall_s: float
+    session_close_s: float | None = Field(None, description="Seconds to shut the Ray Train worker group down at the end.")
+    score_name: str = Field("denoise_mse", description="What StepSummary.score is (denoise_mse, or accuracy_seen for classification).")
+    driver_timeline: dict[str, float] = Field(default_factory=dict, description="Unix times: driver process start, "
+                                              "main() entered (imports done), run start, run end.")
 
 
 def _require_env() -> None:
@@ -110,11 +117,10 @@ def run_sequence(cfg: SequenceConfig, work_dir: str | None = None, submission_id
 
     ``work_dir`` holds local scratch files; when not given, a temp dir is used and removed at the end.
     """
-    if cfg.task != "diffusion":
-        raise SequenceError(
-            f"task: {cfg.task!r} does not run through the pipeline yet (only 'diffusion' does); "
-            "run the classification track with bench/classification.py"
-        )
+    if cfg.task == "classification":
+        from pipelines.classification_sequence import run_classification_sequence
+
+        return run_classification_sequence(cfg, work_dir, submission_id, progress)
     if work_dir is not None:
         return _run_sequence(cfg, work_dir, submission_id, progress)
     tmp = tempfile.mkdtemp(prefix=f"stamina-{cfg.sequence_id}-")
@@ -125,8 +131,6 @@ def run_sequence(cfg: SequenceConfig, work_dir: str | None = None, submission_id
 
 
 def _run_sequence(cfg: SequenceConfig, work_dir: str, submission_id: str | None, progress: bool) -> SequenceSummary:
-    from components import lineage
-
     _require_env()
     t_start = time.perf_counter()
     chash = config_hash(cfg)
@@ -137,7 +141,32 @@ def _run_sequence(cfg: SequenceConfig, work_dir: str, submission_id: str | None,
     client = s3_client()
     store = ChainStore(cfg.storage.uri, cfg.sequence_id, client=client)
 
-    # 1. the base and the committed prefix (no training work yet)
+    # 1. the committed prefix (S3 only)
+    committed = store.steps()
+    _check_prefix(cfg, committed)
+    done = {r.index for r in committed if r.index > 0}
+    pending = [(i, c) for i, c in enumerate(cfg.concepts, start=1) if i not in done]
+    session = TrainSession()
+    ray_storage_uri = f"{cfg.storage.uri.rstrip('/')}/ray/{cfg.sequence_id}"
+    try:
+        summary = _run_pending(cfg, work, submission_id, progress, t_start, chash, cache, client, store, committed,
+                               pending, session, ray_storage_uri)
+    finally:
+        t_close = time.perf_counter()
+        session.close()
+    summary.session_close_s = time.perf_counter() - t_close
+    summary.wall_s = time.perf_counter() - t_start
+    return summary
+
+
+def _safe_id(s: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in s)[:40]
+
+
+def _run_pending(cfg, work, submission_id, progress, t_start, chash, cache, client, store, committed, pending,
+                 session, ray_storage_uri) -> SequenceSummary:
+    from components import lineage
+
     base_dir = resolve_base(cfg.base, cache)
     base_ref = _base_ref(cfg, base_dir)
     existing_base = store.step(0)
@@ -147,10 +176,6 @@ def _run_sequence(cfg: SequenceConfig, work_dir: str, submission_id: str | None,
             f"{existing_base.manifest.extra.get('base', {}).get('digest', '?')[:12]}, this config resolves to "
             f"{base_ref['digest'][:12]}; use a new sequence_id"
         )
-    committed = store.steps()
-    _check_prefix(cfg, committed)
-    done = {r.index for r in committed if r.index > 0}
-    pending = [(i, c) for i, c in enumerate(cfg.concepts, start=1) if i not in done]
     base_model = load_model(base_dir)
     img_size, channels = base_model.image_size, base_model.image_channels
     del base_model
@@ -160,6 +185,12 @@ def _run_sequence(cfg: SequenceConfig, work_dir: str, submission_id: str | None,
     for i, c in pending:
         out_dir = os.path.join(work, f"{i:03d}-{c.name}", "dataset")
         datasets[i] = ingest(IngestInput(concept=c, output_dir=out_dir, image_size=img_size, channels=channels))
+    # every input is valid: start the warm Ray Train worker group now; it boots while the driver writes the
+    # sequence record, opens the MLflow runs and fetches the committed parents
+    sweeps_first = bool(pending) and cfg.sweep.enabled and (not cfg.sweep.only_first or pending[0][0] == 1)
+    if pending and not sweeps_first:  # a sweep before the first concept needs the CPUs first; it starts later
+        session.open(cfg.sequence_id, ray_storage_uri, cfg.resources,
+                     name=f"{cfg.sequence_id}-{pending[0][0]:03d}-{_safe_id(submission_id)}")
     store.write_sequence(json.loads(cfg.model_dump_json()), chash)
     if existing_base is None:
         store.commit_base(base_ref, chash)
@@ -210,6 +241,7 @@ def _run_sequence(cfg: SequenceConfig, work_dir: str, submission_id: str | None,
             if cfg.sweep.enabled and (not cfg.sweep.only_first or i == 1):
                 from components.sweep import SweepInput, sweep
 
+                session.close()  # give the worker group's CPUs to the trials; it restarts for training
                 sw = sweep(SweepInput(sequence_id=cfg.sequence_id, index=i, base_dir=base_dir,
                                       parent_deltas=list(delta_paths), method=method_cfg, concept=c,
                                       dataset=ds.parquet_path, spec=cfg.sweep, cache_dir=cache,
@@ -221,29 +253,42 @@ def _run_sequence(cfg: SequenceConfig, work_dir: str, submission_id: str | None,
                                                          "drift": t.drift, "steps": float(t.steps)}.items() if v is not None},
                            "history": {k: [h[k] for h in t.history if k in h] for k in ("objective", "heldout_loss", "drift")},
                            "status": "FINISHED" if t.steps >= cfg.sweep.max_steps else "KILLED"} for t in sw.trials]
-            tr = train_concept_ray(TrainConceptInput(
-                sequence_id=cfg.sequence_id, index=i, base_dir=base_dir, parent_deltas=list(delta_paths),
-                method=method_cfg, concept=c, dataset=ds.parquet_path, dataset_digest=ds.digest,
-            base_digest=base_ref["digest"], parent_digests=list(parent_digests),
-                resources=cfg.resources, storage_path=f"{cfg.storage.uri.rstrip('/')}/ray/{cfg.sequence_id}",
-                output_dir=step_dir, cache_dir=cache))
-            bundle = reconstruct(base_dir, delta_paths + [tr.delta_path])
             eval_concepts.append(EvalConcept(name=c.name, token=c.token, prompt=c.training_prompt(), dataset=ds.parquet_path))
             to_eval = eval_concepts
             if cfg.eval.mode == "diagonal_and_final" and i != T:
                 to_eval = [eval_concepts[-1]]
-            ev = None
+            req = None
             if cfg.eval.mode != "none":
-                ev = evaluate_step(bundle, EvaluateInput(
-                    step_index=i, concepts=to_eval, output_dir=step_dir, samples_per_concept=cfg.eval.samples_per_concept,
-                    num_inference_steps=cfg.eval.num_inference_steps, guidance_scale=cfg.eval.guidance_scale,
-                    seed=cfg.eval.seed))
+                req = EvalRequest(concepts=list(to_eval), samples_per_concept=cfg.eval.samples_per_concept,
+                                  num_inference_steps=cfg.eval.num_inference_steps,
+                                  guidance_scale=cfg.eval.guidance_scale, seed=cfg.eval.seed)
+            tr = session.train(TrainConceptInput(
+                sequence_id=cfg.sequence_id, index=i, base_dir=base_dir, parent_deltas=list(delta_paths),
+                method=method_cfg, concept=c, dataset=ds.parquet_path, dataset_digest=ds.digest,
+                base_digest=base_ref["digest"], parent_digests=list(parent_digests),
+                resources=cfg.resources, storage_path=ray_storage_uri,
+                output_dir=step_dir, cache_dir=cache), evaluate=req)
+            bundle = None
+            ev = None
+            if req is not None and tr.eval_json is not None:
+                with open(tr.eval_json) as f:
+                    ej = json.load(f)
+                if sorted(ej["row"]) != sorted(x.name for x in req.concepts):
+                    raise SequenceError(f"concept {i} {c.name}: the worker's eval.json scores {sorted(ej['row'])}, "
+                                        f"expected {sorted(x.name for x in req.concepts)}")
+                ev = EvaluateOutput(step_index=i, row=ej["row"], eval_json=tr.eval_json, samples_png=tr.samples_png,
+                                    wall_s=float(ej.get("wall_s", 0.0)))
+            elif req is not None:  # a finished run taken from storage without its evaluation: score it here
+                bundle = reconstruct(base_dir, delta_paths + [tr.delta_path])
+                ev = evaluate_step(bundle, req.to_input(i, step_dir))
             shutil.copy(ds.parquet_path, os.path.join(step_dir, "dataset.parquet"))
             shutil.copy(ds.dataset_json, os.path.join(step_dir, "dataset.json"))
             materialize = None
             pol = cfg.storage.materialize
             if pol == "all" or (pol == "head" and i == T) or (pol == "every_k" and i % cfg.storage.every_k == 0):
+                bundle = bundle or reconstruct(base_dir, delta_paths + [tr.delta_path])
                 materialize = bundle.save(os.path.join(work, f"{i:03d}-{c.name}", "model"))
+            del bundle
             score = ev.row[c.name]["denoise_mse"] if ev else None
             metrics = {"steps": float(tr.steps), "final_loss": float(tr.losses[-1]) if tr.losses else float("nan"),
                        "train_wall_s": tr.train_wall_s}
@@ -264,7 +309,9 @@ def _run_sequence(cfg: SequenceConfig, work_dir: str, submission_id: str | None,
             parent_digests.append(pub.manifest_digest)
             wall = time.perf_counter() - t0
             summaries.append(StepSummary(index=i, name=c.name, steps=tr.steps, wall_s=wall, train_wall_s=tr.train_wall_s,
-                                         score=score, manifest_uri=pub.manifest_uri, model_version=version))
+                                         score=score, manifest_uri=pub.manifest_uri, model_version=version,
+                                         train_run_s=tr.wall_s, eval_s=ev.wall_s if ev else None,
+                                         worker_timings=tr.worker_timings))
             print(f"[stamina] concept {i}/{T} {c.name}: committed {pub.manifest_uri} in {wall:.1f}s", flush=True)
     except BaseException:
         if tracker is not None and parent_run is not None:
@@ -341,7 +388,8 @@ def _committed_dataset(store: ChainStore, ref, work: str) -> str:
 def print_summary(s: SequenceSummary) -> None:
     print()
     print(f"sequence {s.sequence_id}  config {s.config_hash}  HEAD = step {s.head_index}  ({s.wall_s:.1f}s)")
-    print(f"{'step':>4}  {'concept':<16} {'steps':>5} {'time s':>7} {'denoise':>8}  {'version':>7}  manifest")
+    label = {"denoise_mse": "denoise", "accuracy_seen": "acc seen"}.get(s.score_name, s.score_name[:8])
+    print(f"{'step':>4}  {'concept':<16} {'steps':>5} {'time s':>7} {label:>8}  {'version':>7}  manifest")
     for st in s.steps:
         score = f"{st.score:.4f}" if st.score is not None else "-"
         t = "cached" if st.skipped else f"{st.wall_s:.1f}"
@@ -434,9 +482,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summary-json", default=None, help="also write the summary as JSON here")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    timeline = {"main": time.time()}
+    try:
+        import psutil
+
+        timeline["process_start"] = psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - optional detail
+        pass
     try:
         cfg = load_config(args.config)
+        timeline["run_start"] = time.time()
         summary = run_sequence(cfg, work_dir=args.work_dir)
+        timeline["run_end"] = time.time()
+        summary.driver_timeline = timeline
     except (StaminaError, ConfigError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -447,5 +505,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit_now(rc: int) -> None:
+    """Exit without the interpreter teardown (Ray shutdown, library finalizers, non-daemon threads).
+
+    Everything the job produces is committed (S3 manifest + HEAD, MLflow runs finished, versions
+    registered) before ``main`` returns, and the Ray Train worker group is already shut down. The
+    teardown added ~10 s between the summary and the job's end on the 2-core machine
+    (``bench/pipeline_overhead.py``: "driver exit"); Ray's GCS cleans up the driver's remaining
+    actors when the process goes. Set ``STAMINA_CLEAN_EXIT=1`` for a normal exit.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.environ.get("STAMINA_CLEAN_EXIT") == "1":
+        sys.exit(rc)
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

@@ -71,6 +71,9 @@ def test_ray_job_submit_two_concepts_then_resume_and_append(full_stack, tmp_path
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = json.loads(summary.read_text())
     assert [st["index"] for st in s["steps"]] == [1, 2] and s["head_index"] == 2
+    # one warm Ray Train worker group: concept 2 continued from the model the worker folded concept 1 into
+    assert [st["worker_timings"].get("reused_model") for st in s["steps"]] == [0.0, 1.0]
+    assert all(st["eval_s"] is not None and st["worker_timings"].get("eval_s") for st in s["steps"])
 
     from components.lineage import Lineage
     from components.store import ChainStore, s3_client
@@ -98,6 +101,23 @@ def test_ray_job_submit_two_concepts_then_resume_and_append(full_stack, tmp_path
     from transformers import CLIPTextModel, CLIPTokenizer
 
     UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+
+    # The worker evaluated its warm, in-place folded model; the same evaluation of the model rebuilt from
+    # the S3 chain (base + verified deltas) gives the same row: the warm model is the committed one.
+    from components.evaluate import EvalConcept, EvaluateInput, evaluate_step
+    from stamina_core.models.bundle import load_model
+
+    files = store.download_step(chain[2], tmp_path / "step2")
+    worker_row = json.loads(open(files["eval.json"]).read())["row"]
+    ev_concepts = []
+    for c in chain[1:]:
+        f = store.download_step(c, tmp_path / f"s{c.index}")
+        ev_concepts.append(EvalConcept(name=c.name, token=c.manifest.extra["token"], prompt=c.manifest.extra["prompt"],
+                                    dataset=str(f["dataset.parquet"])))
+    again = evaluate_step(load_model(out), EvaluateInput(step_index=2, concepts=ev_concepts, output_dir=str(tmp_path / "ev"),
+                                                         samples_per_concept=2, num_inference_steps=2))
+    for name, scores in worker_row.items():
+        assert abs(scores["denoise_mse"] - again.row[name]["denoise_mse"]) < 1e-5, (name, scores, again.row[name])
     CLIPTextModel.from_pretrained(os.path.join(out, "text_encoder"))
     tok = CLIPTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
     assert "<e0>" in tok.get_vocab() and "<e1>" in tok.get_vocab()

@@ -110,11 +110,3 @@ def test_bad_image_in_a_later_concept_stops_before_any_work(tmp_path, moto_s3, m
     assert "broken.png" in str(e.value)
     listed = moto_s3.list_objects_v2(Bucket="stamina").get("KeyCount", 0)
     assert listed == 0  # nothing half-written: not even sequence.json
-
-
-def test_classification_task_is_refused_clearly_not_run_as_diffusion(tmp_path):
-    from pipelines.sequence import SequenceError, run_sequence
-
-    cfg = SequenceConfig.model_validate({**GOOD, "task": "classification"})
-    with pytest.raises(SequenceError, match="task: 'classification'"):
-        run_sequence(cfg, work_dir=str(tmp_path))
