@@ -493,8 +493,13 @@ def session_loop(config: dict) -> None:
 
 # -- the driver -----------------------------------------------------------------------------------
 
-def _copy_final(src_dir: str, fs, out: str) -> dict:
-    """Copy the final files (result.json last) into ``out`` and verify their sha256 against result.json."""
+def copy_final(src_dir: str, fs, out: str, required=FINAL_FILES, stale=EVAL_FILES) -> dict:
+    """Copy a final checkpoint's files (result.json last) into ``out``, verifying each sha256 against result.json.
+
+    ``required``: files result.json must list; ``stale``: local files removed first so that an older
+    step's optional output never passes for this one. Raises TrainError (or OSError/KeyError on a
+    half-uploaded folder).
+    """
     import pyarrow.fs as pafs
 
     from stamina_core.hashing import sha256_file
@@ -505,14 +510,14 @@ def _copy_final(src_dir: str, fs, out: str) -> dict:
     marker = os.path.join(out, RESULT_FILE)
     if os.path.exists(marker):
         os.remove(marker)
-    for fn in EVAL_FILES:  # never let an older step's evaluation pass for this one
+    for fn in stale:
         if os.path.exists(os.path.join(out, fn)):
             os.remove(os.path.join(out, fn))
     tmp_marker = marker + ".tmp"
     pafs.copy_files(_join(src_dir, RESULT_FILE), tmp_marker, source_filesystem=fs, destination_filesystem=local)
     with open(tmp_marker) as f:
         res = json.load(f)
-    missing = [fn for fn in FINAL_FILES if fn not in res.get("files", {})]
+    missing = [fn for fn in required if fn not in res.get("files", {})]
     if missing:
         raise TrainError(f"{src_dir}/{RESULT_FILE}: lists no {missing[0]}; delete the run's final folder and relaunch")
     for fn, sha in res["files"].items():
@@ -524,6 +529,9 @@ def _copy_final(src_dir: str, fs, out: str) -> dict:
             raise TrainError(f"{src_dir}/{fn}: sha256 does not match result.json; delete the run's final folder and relaunch")
     os.replace(tmp_marker, marker)  # last: marks the folder complete
     return res
+
+
+_copy_final = copy_final
 
 
 def _first_line(e: BaseException) -> str:

@@ -165,27 +165,12 @@ def _finished_in_storage(path: str, fs, name: str) -> str | None:
 
 def _copy_final(src_dir: str, fs, out: str) -> dict:
     """Copy the final files (result.json last) into ``out``; verify each sha256 against result.json."""
-    import pyarrow.fs as pafs
+    from components.train_concept import TrainError, copy_final
 
-    from stamina_core.hashing import sha256_file
-
-    local = pafs.LocalFileSystem()
-    fs = fs or local
-    os.makedirs(out, exist_ok=True)
-    marker = os.path.join(out, RESULT_FILE)
-    if os.path.exists(marker):
-        os.remove(marker)
-    tmp_marker = os.path.join(out, ".result.json.tmp")
-    pafs.copy_files(f"{src_dir}/{RESULT_FILE}", tmp_marker, source_filesystem=fs, destination_filesystem=local)
-    with open(tmp_marker) as f:
-        res = json.load(f)
-    for fn in FINAL_FILES:
-        dst = os.path.join(out, fn)
-        pafs.copy_files(f"{src_dir}/{fn}", dst, source_filesystem=fs, destination_filesystem=local)
-        if sha256_file(dst) != res["files"][fn]:
-            raise TrainTaskError(f"{src_dir}/{fn}: sha256 does not match result.json; delete the run's final/ and relaunch")
-    os.replace(tmp_marker, marker)
-    return res
+    try:
+        return copy_final(src_dir, fs, out, required=FINAL_FILES, stale=())
+    except TrainError as e:
+        raise TrainTaskError(str(e)) from None
 
 
 def train_task_ray(inp: TrainTaskInput) -> TrainTaskOutput:

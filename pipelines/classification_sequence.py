@@ -32,7 +32,7 @@ from components.publish import PublishInput, publish_step
 from components.schemas import SequenceConfig
 from components.store import ChainStore, s3_client
 from components.train_task import TrainTaskInput, train_task_ray
-from pipelines.sequence import SequenceError, SequenceSummary, StepSummary, _require_env
+from pipelines.sequence import SequenceError, SequenceSummary, StepSummary, _require_env, start_chain
 from stamina_core.config import config_hash
 
 
@@ -93,8 +93,6 @@ def _check_chain(store: ChainStore, cfg: SequenceConfig, key: str, plan: list[li
 
 
 def _run(cfg: SequenceConfig, work: str, submission_id: str | None, progress: bool) -> SequenceSummary:
-    from components import lineage
-
     _require_env()
     t_start = time.perf_counter()
     spec = cfg.classification
@@ -126,21 +124,10 @@ def _run(cfg: SequenceConfig, work: str, submission_id: str | None, progress: bo
     if pending:
         check_fits(bb.dir, data[pending[0]])
 
-    store.write_sequence(json.loads(cfg.model_dump_json()), chash)
-    if existing_base is None:
-        store.commit_base(base_ref, chash)
-    base_step = store.step(0)
-    if store.head() is None:
-        store.advance_head(base_step, None)
-
-    mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    tracker = lineage.Lineage(mlflow_uri, experiment=cfg.mlflow_experiment) if mlflow_uri else None
-    parent_run = None
-    if tracker is not None:
-        parent_run = tracker.parent_run(cfg.sequence_id, submission_id, chash, {
-            "task": "classification", "continual": json.loads(spec.continual.model_dump_json()),
-            "tasks": T, "backbone": bb.uri, "data": spec.data.kind})
-        _reconcile_registry(tracker, cfg, committed)
+    mlflow_uri, tracker, parent_run = start_chain(
+        store, cfg, chash, base_ref, existing_base, submission_id, committed,
+        {"task": "classification", "continual": json.loads(spec.continual.model_dump_json()),
+         "tasks": T, "backbone": bb.uri, "data": spec.data.kind})
 
     summaries: list[StepSummary] = []
     delta_paths: list[str] = []
@@ -229,16 +216,6 @@ def _parent_version(tracker, model_name: str, index: int) -> str | None:
     if v is None:
         raise SequenceError(f"MLflow: no registered version of {model_name} for step {index - 1}; cannot chain step {index}")
     return v
-
-
-def _reconcile_registry(tracker, cfg: SequenceConfig, committed) -> None:
-    """Register committed steps that a crashed earlier submission published but did not register."""
-    name = cfg.model_name()
-    have = _versions(tracker, name)
-    for r in committed[1:]:
-        if r.index not in have:
-            tracker.register_folded(name, r.uri, r.digest, None, _parent_version(tracker, name, r.index),
-                                    cfg.sequence_id, r.index)
 
 
 def _record_task(tracker, cfg, parent_run, i, name, chash, tr, ev, step_dir, tf, pub) -> str:

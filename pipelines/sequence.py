@@ -165,8 +165,6 @@ def _safe_id(s: str) -> str:
 
 def _run_pending(cfg, work, submission_id, progress, t_start, chash, cache, client, store, committed, pending,
                  session, ray_storage_uri) -> SequenceSummary:
-    from components import lineage
-
     base_dir = resolve_base(cfg.base, cache)
     base_ref = _base_ref(cfg, base_dir)
     existing_base = store.step(0)
@@ -191,21 +189,9 @@ def _run_pending(cfg, work, submission_id, progress, t_start, chash, cache, clie
     if pending and not sweeps_first:  # a sweep before the first concept needs the CPUs first; it starts later
         session.open(cfg.sequence_id, ray_storage_uri, cfg.resources,
                      name=f"{cfg.sequence_id}-{pending[0][0]:03d}-{_safe_id(submission_id)}")
-    store.write_sequence(json.loads(cfg.model_dump_json()), chash)
-    if existing_base is None:
-        store.commit_base(base_ref, chash)
-    base_step = store.step(0)
-    if store.head() is None:
-        store.advance_head(base_step, None)
-
-    mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    tracker = lineage.Lineage(mlflow_uri) if mlflow_uri else None
-    parent_run = None
-    if tracker is not None:
-        parent_run = tracker.parent_run(cfg.sequence_id, submission_id, chash,
-                                        {"method": json.loads(cfg.method.model_dump_json()),
-                                         "concepts": len(cfg.concepts), "base": cfg.base.kind})
-        _reconcile_registry(tracker, cfg, committed)
+    mlflow_uri, tracker, parent_run = start_chain(
+        store, cfg, chash, base_ref, existing_base, submission_id, committed,
+        {"method": json.loads(cfg.method.model_dump_json()), "concepts": len(cfg.concepts), "base": cfg.base.kind})
 
     summaries: list[StepSummary] = []
     for r in committed:
@@ -323,6 +309,26 @@ def _run_pending(cfg, work, submission_id, progress, t_start, chash, cache, clie
     return SequenceSummary(sequence_id=cfg.sequence_id, config_hash=chash, storage_uri=store.sequence_uri,
                            registered_model=cfg.model_name(), mlflow_uri=mlflow_uri, steps=summaries,
                            head_index=hp.index if hp else 0, wall_s=time.perf_counter() - t_start)
+
+
+def start_chain(store: ChainStore, cfg: SequenceConfig, chash: str, base_ref: dict, existing_base, submission_id: str,
+                committed, params: dict):
+    """After validation: write sequence.json, commit the base step and HEAD (first run), open the MLflow
+    parent run and register committed steps a crash left unregistered. Returns (mlflow_uri, tracker, parent_run)."""
+    from components import lineage
+
+    store.write_sequence(json.loads(cfg.model_dump_json()), chash)
+    if existing_base is None:
+        store.commit_base(base_ref, chash)
+    if store.head() is None:
+        store.advance_head(store.step(0), None)
+    mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not mlflow_uri:
+        return None, None, None
+    tracker = lineage.Lineage(mlflow_uri, experiment=cfg.mlflow_experiment)
+    parent_run = tracker.parent_run(cfg.sequence_id, submission_id, chash, params)
+    _reconcile_registry(tracker, cfg, committed)
+    return mlflow_uri, tracker, parent_run
 
 
 def _parent_version(tracker, model_name: str, index: int) -> str | None:

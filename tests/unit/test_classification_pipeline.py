@@ -2,7 +2,6 @@
 field), the per-task step (delta save/replay, equal to run_continual), appendable task plans, and the
 orchestrator's checks before any work (in-process S3 fake)."""
 
-import socket
 
 import numpy as np
 import pytest
@@ -207,29 +206,6 @@ def test_glyph_plan_matches_the_prepared_data_and_is_appendable(tmp_path):
 
 
 # -- orchestrator checks before any work ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def moto_s3(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    for k, v in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
-    client.create_bucket(Bucket="stamina")
-    yield client
-    server.stop()
 
 
 def _folder(root, classes=4, n=3, bad=None):

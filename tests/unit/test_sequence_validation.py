@@ -61,31 +61,6 @@ def test_good_config_round_trips(tmp_path):
     assert cfg.model_name() == "stamina-seq-a"
 
 
-@pytest.fixture
-def moto_s3(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    for k, v in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
-    client.create_bucket(Bucket="stamina")
-    yield client
-    server.stop()
-
-
 def test_bad_image_in_a_later_concept_stops_before_any_work(tmp_path, moto_s3, monkeypatch):
     from components.ingest import IngestError
     from pipelines.sequence import run_sequence
