@@ -313,7 +313,7 @@ class _Held:
 
 
 def _train_one(inp: TrainConceptInput, eval_req: dict | None, held: _Held, rank: int, storage: tuple[str, object],
-               fail_at: int | None) -> dict | None:
+               fail_at: int | None, label: str | None = None) -> dict | None:
     """Train, fold, evaluate and report one concept on this worker. Returns rank 0's result (else None)."""
     import ray.train
     import ray.train.torch
@@ -360,7 +360,20 @@ def _train_one(inp: TrainConceptInput, eval_req: dict | None, held: _Held, rank:
                               inp.concept.token, reference)
         timings["model_s"] = time.perf_counter() - t0
 
+        t_loop = time.perf_counter()
+        first_step: list[int] = []
+        tag = f"concept {label or inp.index} {inp.concept.name}"
+
         def on_step(done: int, metrics: dict) -> None:
+            if not first_step:
+                first_step.append(done - 1)
+            if rank == 0 and (done % inp.report_every == 0 or done == total):
+                # one line a person can follow in `ray job logs -f`: step, loss, throughput, ETA
+                n = done - first_step[0]
+                rate = n / max(time.perf_counter() - t_loop, 1e-9)
+                eta = (total - done) / rate if rate > 0 else float("nan")
+                print(f"[stamina] {tag}: step {done}/{total} loss {float(metrics.get('loss', float('nan'))):.4f} "
+                      f"{rate:.2f} steps/s ETA {eta:.0f}s", flush=True)
             if done >= total:
                 return  # the final report carries the folded concept
             is_ckpt = bool(every) and done % every == 0
@@ -485,7 +498,7 @@ def session_loop(config: dict) -> None:
         if not threads_set:
             torch.set_num_threads(max(1, int(inp.resources.cpus_per_worker)))
             threads_set = True
-        out = _train_one(inp, payload.get("eval"), held, rank, storage, fail_at)
+        out = _train_one(inp, payload.get("eval"), held, rank, storage, fail_at, payload.get("label"))
         if rank == 0:
             ray.get(broker.complete.remote(tid, out))
         last = tid
@@ -635,8 +648,9 @@ class TrainSession:
                 pass
         self._broker = self._thread = None
 
-    def train(self, inp: TrainConceptInput, evaluate=None) -> TrainConceptOutput:
-        """Train (or take from storage) one concept; ``evaluate``: an ``EvalRequest`` run by rank 0 after the fold."""
+    def train(self, inp: TrainConceptInput, evaluate=None, label: str | None = None) -> TrainConceptOutput:
+        """Train (or take from storage) one concept; ``evaluate``: an ``EvalRequest`` run by rank 0 after the fold;
+        ``label``: how progress lines name the concept (e.g. "2/5")."""
         import ray
 
         path, fs = ray_storage(inp.storage_path)
@@ -661,7 +675,7 @@ class TrainSession:
                 inp = inp.model_copy(update={"parent_delta_sha256": _parent_shas(inp)})
             self._tid += 1
             tid = self._tid
-            payload = {"input": inp.model_dump(mode="json"),
+            payload = {"input": inp.model_dump(mode="json"), "label": label,
                        "eval": evaluate.model_dump(mode="json") if evaluate is not None else None}
             ray.get(self._broker.submit.remote(tid, payload))
             out = None

@@ -253,7 +253,7 @@ def _run_pending(cfg, work, submission_id, progress, t_start, chash, cache, clie
                 method=method_cfg, concept=c, dataset=ds.parquet_path, dataset_digest=ds.digest,
                 base_digest=base_ref["digest"], parent_digests=list(parent_digests),
                 resources=cfg.resources, storage_path=ray_storage_uri,
-                output_dir=step_dir, cache_dir=cache), evaluate=req)
+                output_dir=step_dir, cache_dir=cache), evaluate=req, label=f"{i}/{T}")
             bundle = None
             ev = None
             if req is not None and tr.eval_json is not None:
