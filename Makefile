@@ -44,7 +44,7 @@ bench-continual: install
 	for m in stamina lora_seq clora textual_inversion; do $(PY) bench/continual.py --method $$m --concepts 50 --seeds 0,1,2 || exit 1; done
 
 bench-classification: install
-	$(PY) bench/classification.py --methods stamina,lora_seq,clora,seq_ft,head_only,joint --tasks 10 --seeds 0,1,2
+	$(PY) bench/classification.py --methods stamina,lora_seq,clora,seq_ft,head_only,joint --tasks 10 --seeds 0,1,2 --steps 100 --lr 3e-4 --head_learning_rate 1e-2 --ft_learning_rate 1e-4 --clora_weight 1e5 --mask_sparsity 0.1 --mask_learning_rate 0.1
 
 bench-pipeline: install
 	$(PY) bench/pipeline_overhead.py

@@ -378,3 +378,86 @@ def test_diffusion_track_penalties_apply_to_vit_adapters():
         end_task(model, state)
     assert all(v == 0.0 for t, v in seen if t == 0)
     assert any(v > 0.0 for t, v in seen if t == 1)
+
+
+# -- the benchmark's tuning mode -------------------------------------------------------------------------
+
+
+def _bench_module():
+    import runpy
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, repo)
+    return runpy.run_path(os.path.join(repo, "bench", "classification.py"), run_name="bench_classification_test")
+
+
+def test_bench_tuning_refuses_reported_seeds_and_merges_grids(tmp_path):
+    import json
+
+    mod = _bench_module()
+    err = mod["BenchError"]
+    out = str(tmp_path / "tuning.json")
+    with pytest.raises(err, match="reported seed"):
+        mod["main"](["--seeds", "1,100", "--tune", "clora:clora_weight=1", "--out", out])
+    with pytest.raises(err, match="unknown knob 'nope'"):
+        mod["main"](["--seeds", "100", "--tune", "clora:nope=1", "--out", out])
+    with pytest.raises(err, match="METHOD:KNOB"):
+        mod["main"](["--seeds", "100", "--tune", "clora_weight=1", "--out", out])
+    assert not os.path.exists(out)
+
+    spec = TINY.model_copy(update={"image_size": 32})
+    backbone = save_classifier(build_classifier(spec), str(tmp_path / "clf"), spec=spec)
+    common = ["--backbone", backbone, "--tasks", "2", "--classes_per_task", "2", "--train_per_class", "4",
+              "--test_per_class", "2", "--steps", "2", "--seeds", "100,101", "--out", out]
+    assert mod["main"](common + ["--tune", "stamina:mask_sparsity=0,1;mask_learning_rate=0.01,0.5"]) == 0
+    assert mod["main"](common + ["--tune", "head_only:head_learning_rate=0.01"]) == 0  # merged, not overwritten
+    doc = json.loads(open(out).read())
+    assert set(doc["grids"]) == {"stamina:mask_sparsity,mask_learning_rate", "head_only:head_learning_rate"}
+    g = doc["grids"]["stamina:mask_sparsity,mask_learning_rate"]
+    assert [p["point"] for p in g["points"]] == [
+        {"mask_sparsity": s, "mask_learning_rate": lr} for s in (0.0, 1.0) for lr in (0.01, 0.5)]
+    assert g["seeds"] == [100, 101] and all(len(p["runs"]) == 2 for p in g["points"])
+    for p in g["points"]:
+        assert p["A"] == pytest.approx(sum(r["A"] for r in p["runs"]) / 2)
+        assert 0.0 < p["mean_mask_density"] <= 1.0
+    assert g["best"] == max(g["points"], key=lambda p: p["A"])["point"]
+    assert "mask_sparsity" not in g["fixed"] and g["fixed"]["max_train_steps"] == 2
+    assert doc["reported_seeds"] == "0,1,2"
+
+
+@pytest.mark.slow
+def test_bench_merge_of_per_seed_runs_equals_one_run(tmp_path):
+    import json
+
+    mod = _bench_module()
+    spec = TINY.model_copy(update={"image_size": 32})
+    backbone = save_classifier(build_classifier(spec), str(tmp_path / "clf"), spec=spec)
+    common = ["--backbone", backbone, "--tasks", "2", "--classes_per_task", "2", "--train_per_class", "4",
+              "--test_per_class", "2", "--steps", "2", "--methods", "lora_seq,head_only", "--plot", ""]
+    for name, seeds, extra in (("one", "3,4", []), ("s3", "3", []), ("s4", "4", ["--clora_weight", "5"])):
+        # (a knob of a method a part does not run may differ)
+        assert mod["main"](common + extra + ["--seeds", seeds, "--out", str(tmp_path / f"{name}.json")]) == 0
+    merged = str(tmp_path / "merged.json")
+    parts = f"{tmp_path / 's4.json'},{tmp_path / 's3.json'}"
+    assert mod["main"](common + ["--merge", parts, "--out", merged]) == 0
+    one, mer = (json.loads(open(p).read()) for p in (str(tmp_path / "one.json"), merged))
+    assert [(r["seed"], r["method"]) for r in mer["runs"]] == [(r["seed"], r["method"]) for r in one["runs"]]
+    assert [r["R"] for r in mer["runs"]] == [r["R"] for r in one["runs"]]
+    for m in ("lora_seq", "head_only"):
+        assert mer["summary"][m]["seeds"] == 2
+        for k in ("A", "A_std", "F", "P", "curve"):
+            assert mer["summary"][m][k] == one["summary"][m][k]
+    assert mer["args"]["seeds"] == "3,4"
+    err = mod["BenchError"]
+    with pytest.raises(err, match="repeats method"):
+        mod["main"](common + ["--merge", f"{parts},{tmp_path / 's3.json'}", "--out", merged])
+    assert mod["main"](common + ["--seeds", "5", "--steps", "3", "--out", str(tmp_path / "s5.json")]) == 0
+    with pytest.raises(err, match="max_train_steps"):
+        mod["main"](common + ["--merge", f"{parts},{tmp_path / 's5.json'}", "--out", merged])
+    for s, lam in ((6, "1"), (7, "2")):  # the same method with different knobs in two parts
+        assert mod["main"](common + ["--methods", "clora", "--seeds", str(s), "--clora_weight", lam,
+                                     "--out", str(tmp_path / f"c{s}.json")]) == 0
+    with pytest.raises(err, match="clora_weight differs"):
+        mod["main"](common + ["--methods", "clora", "--merge", f"{tmp_path / 'c6.json'},{tmp_path / 'c7.json'}",
+                              "--out", merged])
