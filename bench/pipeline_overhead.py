@@ -514,7 +514,8 @@ def markdown(res: dict) -> str:
         lines += [
             f"The same {a['steps']}-step training loops (same code, one thread each) took {1 / tl['inproc_over_pipeline']:.2f}x "
             "as long in the Ray Train worker as in-process. Inside the worker the loop also calls `ray.train.report` "
-            "every 10 steps and uploads a checkpoint to S3 every checkpointing step, and it shares the 2 cores with "
+            "every 50 steps, uploads a checkpoint to S3 every checkpointing step and prints a progress line every 10 "
+            "steps, and it shares the 2 cores with "
             "the stack's services, the job driver and this benchmark's memory sampler"
             + (f" ({mem_cpu:.1f} s CPU over {mem_wall:.0f} s)" if mem_cpu is not None and mem_wall else "")
             + "; other jobs on the shared machine add noise. The ratio counts that slowdown as pipeline overhead; the "
