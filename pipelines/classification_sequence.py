@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 import uuid
 
@@ -32,7 +31,8 @@ from components.publish import PublishInput, publish_step
 from components.schemas import SequenceConfig
 from components.store import ChainStore, s3_client
 from components.train_task import TrainTaskInput, train_task_ray
-from pipelines.sequence import SequenceError, SequenceSummary, StepSummary, _require_env, start_chain
+from pipelines.sequence import (SequenceError, SequenceSummary, StepSummary, _require_env, in_work_dir,
+                                start_chain)
 from stamina_core.config import config_hash
 
 
@@ -53,13 +53,7 @@ def run_classification_sequence(cfg: SequenceConfig, work_dir: str | None = None
     """Run or resume the classification sequence ``cfg`` (``task: classification``)."""
     if cfg.task != "classification" or cfg.classification is None:
         raise SequenceError(f"task: {cfg.task!r}: run_classification_sequence needs task: classification")
-    if work_dir is not None:
-        return _run(cfg, work_dir, submission_id, progress)
-    tmp = tempfile.mkdtemp(prefix=f"stamina-{cfg.sequence_id}-")
-    try:
-        return _run(cfg, tmp, submission_id, progress)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return in_work_dir(_run, cfg, work_dir, submission_id, progress)
 
 
 def _say(progress: bool, msg: str) -> None:

@@ -121,11 +121,16 @@ def run_sequence(cfg: SequenceConfig, work_dir: str | None = None, submission_id
         from pipelines.classification_sequence import run_classification_sequence
 
         return run_classification_sequence(cfg, work_dir, submission_id, progress)
+    return in_work_dir(_run_sequence, cfg, work_dir, submission_id, progress)
+
+
+def in_work_dir(run, cfg: SequenceConfig, work_dir: str | None, submission_id: str | None, progress: bool):
+    """``run(cfg, work_dir, submission_id, progress)`` in ``work_dir``, or in a temp dir removed afterwards."""
     if work_dir is not None:
-        return _run_sequence(cfg, work_dir, submission_id, progress)
+        return run(cfg, work_dir, submission_id, progress)
     tmp = tempfile.mkdtemp(prefix=f"stamina-{cfg.sequence_id}-")
     try:
-        return _run_sequence(cfg, tmp, submission_id, progress)
+        return run(cfg, tmp, submission_id, progress)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -8,17 +8,15 @@ resubmitting does no work.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.integration.test_e2e_sequence import _submit  # the same `ray job submit` call
+
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]  # 4.3-6 min measured on 2 busy cores
 
-REPO = Path(__file__).resolve().parents[2]
 SEQ = "e2e-cls"
 
 
@@ -41,15 +39,6 @@ def _config(tmp: Path, tasks: int) -> Path:
     p = tmp / f"cls-{tasks}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
-
-
-def _submit(env: dict, cfg: Path, summary: Path) -> subprocess.CompletedProcess:
-    ray = str(Path(sys.executable).with_name("ray"))
-    runtime_env = {"env_vars": env, "excludes": [".venv", ".stamina", ".git", "bench/results"]}
-    cmd = [ray, "job", "submit", "--address", env["RAY_DASHBOARD_URL"], "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps(runtime_env), "--",
-           sys.executable, "-m", "pipelines.sequence", "--config", str(cfg), "--summary-json", str(summary)]
-    return subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
 
 
 def test_ray_job_submit_one_task_append_a_second_then_resubmit(full_stack, tmp_path, monkeypatch):
