@@ -130,6 +130,7 @@ class TrainConceptOutput(StrictModel):
     checkpoint_uri: str = Field(description="Where Ray stored the final checkpoint (s3://... or a local path).")
     num_workers: int = Field(description="Ray Train workers used.")
     reused: bool = Field(False, description="True when the finished run was found in storage and not relaunched.")
+    delta_sha256: str = Field(description="sha256 of delta.safetensors (verified on copy).")
     eval_json: str | None = Field(None, description="Local eval.json written by the worker (when evaluation was asked).")
     samples_png: str | None = Field(None, description="Local samples.png written by the worker.")
     worker_timings: dict = Field(default_factory=dict, description="Seconds inside the worker: model (load/reuse), train, fold, eval.")
@@ -269,12 +270,13 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _parent_shas(inp: TrainConceptInput, local_deltas: list[str] | None = None) -> list[str]:
+def _parent_shas(inp: TrainConceptInput) -> list[str]:
+    """sha256 of each parent delta: as given, else hashed from the (fetched) files."""
     if inp.parent_delta_sha256 is not None:
         return list(inp.parent_delta_sha256)
     from stamina_core.hashing import sha256_file
 
-    return [sha256_file(p) for p in (local_deltas if local_deltas is not None else _resolve_inputs(inp)[1])]
+    return [sha256_file(p) for p in _resolve_inputs(inp)[1]]
 
 
 class _Held:
@@ -298,8 +300,9 @@ class _Held:
             return self.bundle, self.reference, True
         self.key = self.bundle = self.reference = None
         base, deltas, ref = _resolve_inputs(inp)
-        if inp.parent_delta_sha256 is not None and _parent_shas(inp.model_copy(update={"parent_delta_sha256": None}),
-                                                               deltas) != list(inp.parent_delta_sha256):
+        from stamina_core.hashing import sha256_file
+
+        if inp.parent_delta_sha256 is not None and [sha256_file(p) for p in deltas] != list(inp.parent_delta_sha256):
             raise TrainError(f"{inp.run_name()}: a parent delta does not match parent_delta_sha256; "
                              "the chain's files changed under the run")
         self.bundle, self.reference = load_parent(base, deltas, inp.method.adapter.targets, ref, device=device)
@@ -549,9 +552,6 @@ def copy_final(src_dir: str, fs, out: str, required=FINAL_FILES, stale=EVAL_FILE
     return res
 
 
-_copy_final = copy_final
-
-
 def _first_line(e: BaseException) -> str:
     s = str(e).strip()
     return s.splitlines()[0] if s else type(e).__name__
@@ -666,7 +666,7 @@ class TrainSession:
         res = None
         if found is not None and found[0] == "final":
             try:
-                res = _copy_final(found[1], fs, inp.output_dir)
+                res = copy_final(found[1], fs, inp.output_dir)
                 reused, final_dir = True, found[1]
             except (OSError, KeyError, ValueError, TrainError):
                 res = None  # an incomplete upload: train again (resumes from its newest checkpoint)
@@ -700,7 +700,7 @@ class TrainSession:
                                  "in storage; relaunch to resume")
             final_dir = found[1]
             try:
-                res = _copy_final(final_dir, fs, inp.output_dir)
+                res = copy_final(final_dir, fs, inp.output_dir)
             except (OSError, KeyError) as e:
                 raise TrainError(f"Ray Train run {self.name}: {final_dir} is not a complete final checkpoint "
                                  f"({type(e).__name__}); relaunch to resume") from None
@@ -716,7 +716,7 @@ class TrainSession:
             fold_report_path=os.path.join(out_dir, "fold_report.json"), losses_path=os.path.join(out_dir, "losses.json"),
             losses=losses["losses"], steps=int(res["steps"]), resumed_from=int(res["resumed_from"]), wall_s=wall,
             train_wall_s=float(res["wall_s"]), fold_summary=res["fold_summary"], checkpoint_uri=storage_uri(final_dir, fs),
-            num_workers=r.num_workers, reused=reused,
+            num_workers=r.num_workers, reused=reused, delta_sha256=res["files"]["delta.safetensors"],
             eval_json=os.path.join(out_dir, "eval.json") if has_eval else None,
             samples_png=os.path.join(out_dir, "samples.png") if has_eval else None,
             worker_timings={k: float(v) for k, v in res.get("timings", {}).items()},

@@ -31,8 +31,8 @@ from components.publish import PublishInput, publish_step
 from components.schemas import SequenceConfig
 from components.store import ChainStore, s3_client
 from components.train_task import TrainTaskInput, train_task_ray
-from pipelines.sequence import (SequenceError, SequenceSummary, StepSummary, _require_env, in_work_dir,
-                                start_chain)
+from pipelines.sequence import (SequenceError, SequenceSummary, StepSummary, _require_env, finish_chain,
+                                in_work_dir, start_chain)
 from stamina_core.config import config_hash
 
 
@@ -184,15 +184,10 @@ def _run(cfg: SequenceConfig, work: str, submission_id: str | None, progress: bo
             _say(progress, f"task {i}/{T}: R row {[round(v['accuracy'], 3) for v in ev.row.values()]}, "
                            f"accuracy on seen classes {ev.accuracy_seen:.3f}; committed {pub.manifest_uri} in {wall:.1f}s")
     except BaseException:
-        if tracker is not None and parent_run is not None:
-            tracker.finish(parent_run, status="FAILED")
+        finish_chain(tracker, parent_run, failed=True)
         raise
-    if tracker is not None:
-        tracker.finish(parent_run)
-    hp = store.head()
-    return SequenceSummary(score_name="accuracy_seen", sequence_id=cfg.sequence_id, config_hash=chash, storage_uri=store.sequence_uri,
-                           registered_model=cfg.model_name(), mlflow_uri=mlflow_uri, steps=summaries,
-                           head_index=hp.index if hp else 0, wall_s=time.perf_counter() - t_start)
+    return finish_chain(tracker, parent_run, score_name="accuracy_seen", cfg=cfg, chash=chash, store=store,
+                        mlflow_uri=mlflow_uri, steps=summaries, t_start=t_start)
 
 
 def _versions(tracker, model_name: str) -> dict[int, str]:

@@ -209,12 +209,14 @@ def _run_pending(cfg, work, submission_id, progress, t_start, chash, cache, clie
 
     # parent deltas of the committed prefix, verified by digest
     delta_paths: list[str] = []
+    delta_shas: list[str] = []  # sha256 of each parent delta: known from manifests / verified copies, never re-hashed
     parent_digests: list[str] = []
     for r in committed:
         if r.index > 0:
             parent_digests.append(r.digest)
             files = store.download_step(r, os.path.join(work, f"{r.index:03d}-{r.name}", "committed"))
             delta_paths.append(str(files["delta.safetensors"]))
+            delta_shas.append(r.manifest.files["delta.safetensors"].sha256)  # verified by download_step
     eval_concepts = [EvalConcept(name=c.name, token=c.token, prompt=c.training_prompt(),
                                  dataset=_committed_dataset(store, r, work))
                      for r, c in zip([x for x in committed if x.index > 0], cfg.concepts)]
@@ -255,6 +257,7 @@ def _run_pending(cfg, work, submission_id, progress, t_start, chash, cache, clie
                                   guidance_scale=cfg.eval.guidance_scale, seed=cfg.eval.seed)
             tr = session.train(TrainConceptInput(
                 sequence_id=cfg.sequence_id, index=i, base_dir=base_dir, parent_deltas=list(delta_paths),
+                parent_delta_sha256=list(delta_shas),
                 method=method_cfg, concept=c, dataset=ds.parquet_path, dataset_digest=ds.digest,
                 base_digest=base_ref["digest"], parent_digests=list(parent_digests),
                 resources=cfg.resources, storage_path=ray_storage_uri,
@@ -297,6 +300,7 @@ def _run_pending(cfg, work, submission_id, progress, t_start, chash, cache, clie
             if tracker is not None:
                 version = _record_concept(tracker, cfg, parent_run, i, c, method_cfg, chash, tr, ev, step_dir, ds, trials, pub)
             delta_paths.append(tr.delta_path)
+            delta_shas.append(tr.delta_sha256)
             parent_digests.append(pub.manifest_digest)
             wall = time.perf_counter() - t0
             summaries.append(StepSummary(index=i, name=c.name, steps=tr.steps, wall_s=wall, train_wall_s=tr.train_wall_s,
@@ -305,15 +309,10 @@ def _run_pending(cfg, work, submission_id, progress, t_start, chash, cache, clie
                                          worker_timings=tr.worker_timings))
             print(f"[stamina] concept {i}/{T} {c.name}: committed {pub.manifest_uri} in {wall:.1f}s", flush=True)
     except BaseException:
-        if tracker is not None and parent_run is not None:
-            tracker.finish(parent_run, status="FAILED")
+        finish_chain(tracker, parent_run, failed=True)
         raise
-    if tracker is not None:
-        tracker.finish(parent_run)
-    hp = store.head()
-    return SequenceSummary(sequence_id=cfg.sequence_id, config_hash=chash, storage_uri=store.sequence_uri,
-                           registered_model=cfg.model_name(), mlflow_uri=mlflow_uri, steps=summaries,
-                           head_index=hp.index if hp else 0, wall_s=time.perf_counter() - t_start)
+    return finish_chain(tracker, parent_run, cfg=cfg, chash=chash, store=store, mlflow_uri=mlflow_uri,
+                        steps=summaries, t_start=t_start)
 
 
 def start_chain(store: ChainStore, cfg: SequenceConfig, chash: str, base_ref: dict, existing_base, submission_id: str,
@@ -334,6 +333,26 @@ def start_chain(store: ChainStore, cfg: SequenceConfig, chash: str, base_ref: di
     parent_run = tracker.parent_run(cfg.sequence_id, submission_id, chash, params)
     _reconcile_registry(tracker, cfg, committed)
     return mlflow_uri, tracker, parent_run
+
+
+def finish_chain(tracker, parent_run, failed: bool = False, score_name: str = "denoise_mse", **summary):
+    """End the MLflow parent run (FAILED or FINISHED); after success, the SequenceSummary of the chain.
+
+    ``summary``: cfg, chash, store, mlflow_uri, steps (StepSummary list), t_start.
+    """
+    if tracker is not None and parent_run is not None:
+        if failed:
+            tracker.finish(parent_run, status="FAILED")
+        else:
+            tracker.finish(parent_run)
+    if failed:
+        return None
+    cfg, store = summary["cfg"], summary["store"]
+    hp = store.head()
+    return SequenceSummary(score_name=score_name, sequence_id=cfg.sequence_id, config_hash=summary["chash"],
+                           storage_uri=store.sequence_uri, registered_model=cfg.model_name(),
+                           mlflow_uri=summary["mlflow_uri"], steps=summary["steps"],
+                           head_index=hp.index if hp else 0, wall_s=time.perf_counter() - summary["t_start"])
 
 
 def _parent_version(tracker, model_name: str, index: int) -> str | None:
