@@ -38,12 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--sample-steps", type=int, default=15)
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--word-tokens", action="store_true", help="the base pretrained with one token per caption word")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/base_quality.json; other paths skip RESULTS.md)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     cache = default_cache_dir()
     bench = ContinualBenchmark(BenchmarkConfig())
-    base_dir = pretrain_tiny(PretrainConfig(), cache_dir=os.path.join(cache, "pretrained"), progress=True)
+    pcfg = PretrainConfig(word_tokens=args.word_tokens)
+    base_dir = pretrain_tiny(pcfg, cache_dir=os.path.join(cache, "pretrained"), progress=True)
     bundle = load_model(base_dir)
     judge = train_judge(bench, cache_dir=cache)
     rows = []
@@ -54,11 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"class": c.name, "kind": c.kind, "caption": c.caption,
                      "accuracy": float((pred == c.index).mean()), "to_none": float((pred == judge.none_index).mean())})
     by_kind = {k: float(np.mean([r["accuracy"] for r in rows if r["kind"] == k])) for k in sorted({r["kind"] for r in rows})}
-    out = {"base_dir": base_dir, "pretrain_config_hash": PretrainConfig().hash(), "samples": args.samples,
+    out = {"base_dir": base_dir, "pretrain_config_hash": pcfg.hash(), "samples": args.samples,
            "sample_steps": args.sample_steps, "guidance": args.guidance, "rows": rows, "by_kind": by_kind,
            "wall_s": time.perf_counter() - t0, "machine": machine_info(),
            "command": "python bench/base_quality.py " + " ".join(argv or sys.argv[1:])}
-    write_json(os.path.join(RESULTS_DIR, "base_quality.json"), out)
+    dest = args.out or os.path.join(RESULTS_DIR, "base_quality.json")
+    write_json(dest, out)
+    if args.out is not None:
+        print(by_kind, f"({out['wall_s']:.0f}s) -> {dest}")
+        return 0
     body = [f"Command: `{out['command'].strip()}` ({args.samples} samples per class, {args.sample_steps} DDIM steps, "
             f"CFG {args.guidance}; raw: `bench/results/base_quality.json`).", "",
             "| kind | base classes | mean judge accuracy of base samples |", "|---|---:|---:|"]

@@ -83,7 +83,7 @@ def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, o
     def evaluate(b, t, seen):
         t0 = time.perf_counter()
         seen_classes = classes[: t + 1]
-        if args.eval == "full" or t == T - 1:
+        if args.eval == "full" or t == T - 1 or (args.full_every and (t + 1) % args.full_every == 0):
             todo = list(range(t + 1))
         else:
             todo = [t]
@@ -114,9 +114,17 @@ def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, o
     if final_samples:
         sample_grid(final_samples["samples"], [c.slug for c in classes], f"{out_prefix}-seed{seed}-samples.png",
                     title=f"{args.method}: every concept after the last step (seed {seed})")
+    final, diag = acc.R[T - 1, :T], np.diag(acc.R)[:T]
+    kinds = [c.kind for c in classes]
+    by_kind = {k: {"n": int(sum(x == k for x in kinds)),
+                   "A": float(np.nanmean([final[i] for i in range(T) if kinds[i] == k])),
+                   "P": float(np.nanmean([diag[i] for i in range(T) if kinds[i] == k]))}
+               for k in sorted(set(kinds))}
     return {
         "seed": seed,
         "order": names,
+        "kinds": kinds,
+        "by_kind": by_kind,
         "config": json.loads(cfg.model_dump_json()),
         "config_hash": config_hash(cfg),
         "accuracy": acc.to_dict(),
@@ -143,6 +151,29 @@ def _mean_std(vals):
     return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if v.size > 1 else f"{v.mean():.3f}"
 
 
+def _earlier_runs(path: str, settings: dict, seeds: list[int]) -> dict | None:
+    """The result file a --add-seeds run extends (None if there is none yet); it must share every setting."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        old = json.load(f)
+    diff = [k for k, v in settings.items() if old.get(k, [] if k == "set" else None) != v]
+    if diff:
+        raise SystemExit(f"--add-seeds: {path} was run with other settings ({', '.join(diff)}); use another --tag")
+    again = sorted(set(seeds) & {r["seed"] for r in old["runs"]})
+    if again:
+        raise SystemExit(f"--add-seeds: {path} already has seed(s) {again}")
+    return old
+
+
+def _kind(runs: list[dict], kind: str) -> str:
+    """'A / P' over the concepts of one kind (animals are learnable from the tiny base, glyphs barely)."""
+    got = [r["by_kind"][kind] for r in runs if kind in r.get("by_kind", {})]
+    if not got:
+        return "–"
+    return f"{np.mean([g['A'] for g in got]):.3f} / {np.mean([g['P'] for g in got]):.3f} (n={got[0]['n']})"
+
+
 def results_table(results_dir: str = RESULTS_DIR) -> str:
     rows = []
     for fn in sorted(os.listdir(results_dir)):
@@ -159,13 +190,15 @@ def results_table(results_dir: str = RESULTS_DIR) -> str:
             f"| {r['method']} | {r['concepts']} | {len(runs)} | {_mean_std([s['A'] for s in sa])} | "
             f"{_mean_std([s['F'] for s in sa])} | {_mean_std([s['F_max'] for s in sa])} | "
             f"{_mean_std([s['P'] for s in sa])} | {_mean_std([s['P_first'] for s in sa])} → "
-            f"{_mean_std([s['P_last'] for s in sa])} | {_mean_std([s['A'] for s in sk])} | "
+            f"{_mean_std([s['P_last'] for s in sa])} | {_kind(runs, 'animal')} | {_kind(runs, 'glyph')} | "
+            f"{_mean_std([s['A'] for s in sk])} | "
             f"{runs[0]['trainable_params_per_concept']} | {runs[0]['stored_bytes_per_concept']} | "
             f"{runs[0]['added_inference_params']} | {r['steps']} | {r['wall_s'] / 60:.1f} | `{r['command']}` |"
         )
     head = ("| method | concepts | seeds | A (acc ↑) | F (↓) | F_max (↓) | P = mean R[t,t] (↑) | P first→last block | "
+            "animals: A / P | glyphs: A / P | "
             "final KID×1e3 (↓) | trainable params / concept | stored bytes / concept | added inference params | "
-            "steps / concept | wall min | command |\n|" + "---|" * 15)
+            "steps / concept | wall min | command |\n|" + "---|" * 17)
     return head + "\n" + "\n".join(rows)
 
 
@@ -179,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-steps", type=int, default=15, help="DDIM steps of evaluation samples")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--eval", choices=["full", "diagonal_and_final"], default="full")
+    p.add_argument("--full-every", type=int, default=0,
+                   help="with --eval diagonal_and_final: also score every earlier concept after each K-th concept "
+                        "(rows K, 2K, ... of R), so forgetting is seen along the way at a fraction of the cost of full")
+    p.add_argument("--add-seeds", action="store_true",
+                   help="add these seeds' runs to an existing result file of the same method and settings (run seeds "
+                        "in separate processes, e.g. two methods side by side); a seed already there is an error")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default min(2, cores); 1 when methods run side by side)")
     p.add_argument("--pairs", type=int, default=5, help="random concept pairs scored at the end")
     p.add_argument("--tuning", action="store_true", help="run on the separate tuning concepts")
     p.add_argument("--set", action="append", default=[], help="dotted MethodConfig override, e.g. mask.rank=8")
@@ -191,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         from components.model_io import default_cache_dir
 
         args.cache_dir = default_cache_dir()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     t0 = time.perf_counter()
     if args.smoke:
@@ -211,11 +251,20 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.results_dir, exist_ok=True)
     name = f"continual-{args.method}{('-' + args.tag) if args.tag else ''}{'-tuning' if args.tuning else ''}"
     prefix = os.path.join(args.results_dir, name)
+    settings = {"method": args.method, "tag": args.tag, "concepts": args.concepts, "steps": args.steps,
+                "eval": args.eval, "full_every": args.full_every, "samples": args.samples,
+                "sample_steps": args.sample_steps, "guidance": args.guidance, "tuning": args.tuning,
+                "set": sorted(args.set)}
+    earlier = _earlier_runs(prefix + ".json", settings, seeds) if args.add_seeds else None
     runs = [run_seed(args, s, bench, base_dir, judge, prefix) for s in seeds]
     cmd = "stamina bench continual " + " ".join(a if " " not in a else repr(a) for a in (argv or sys.argv[1:]))
-    out = {"method": args.method, "tag": args.tag, "concepts": args.concepts, "seeds": seeds, "steps": args.steps,
-           "eval": args.eval, "samples": args.samples, "sample_steps": args.sample_steps, "tuning": args.tuning,
-           "judge": ref, "runs": runs, "wall_s": time.perf_counter() - t0, "command": cmd,
+    wall = time.perf_counter() - t0
+    if earlier is not None:
+        runs = sorted(earlier["runs"] + runs, key=lambda r: r["seed"])
+        seeds = [r["seed"] for r in runs]
+        wall += earlier["wall_s"]
+        cmd = earlier["command"] + " ; " + cmd
+    out = {**settings, "seeds": seeds, "judge": ref, "runs": runs, "wall_s": wall, "command": cmd,
            "machine": machine_info()}
     write_json(prefix + ".json", out)
     if not args.tuning and not args.smoke and os.path.abspath(args.results_dir) == os.path.abspath(RESULTS_DIR):

@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.path.join(RESULTS_DIR, "learnability.json"))
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny benchmark, base and judge (tests)")
+    p.add_argument("--word-tokens", action="store_true", help="use the base pretrained with one token per caption word")
     args = p.parse_args(argv)
     args.guidance = [float(g) for g in args.guidance.split(",") if g.strip()]
     args.extra_sample_steps = [int(n) for n in args.extra_sample_steps.split(",") if n.strip()]
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
         bench, pcfg, jcfg = ContinualBenchmark(tiny_benchmark_config()), tiny_pretrain_config(), tiny_judge_config()
     else:
-        bench, pcfg, jcfg = ContinualBenchmark(BenchmarkConfig()), PretrainConfig(), None
+        bench, pcfg, jcfg = ContinualBenchmark(BenchmarkConfig()), PretrainConfig(word_tokens=args.word_tokens), None
     base_dir = pretrain_tiny(pcfg, cache_dir=os.path.join(args.cache_dir, "pretrained"), progress=not args.smoke)
     judge = train_judge(bench, cache_dir=args.cache_dir, cfg=jcfg, progress=not args.smoke)
     ref = judge_reference(judge, bench)

@@ -18,14 +18,15 @@ import json
 import os
 import time
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 from stamina_core.config import StrictModel
-from stamina_core.models.bundle import DiffusionBundle
-from stamina_core.sample import sample, to_uint8_grid
-from stamina_core.train import ConceptData
+
+if TYPE_CHECKING:  # torch / diffusers load only when a model is evaluated: the job driver stays light
+    from stamina_core.models.bundle import DiffusionBundle
+    from stamina_core.train import ConceptData
 
 
 class EvalConcept(StrictModel):
@@ -69,9 +70,17 @@ class EvaluateOutput(StrictModel):
     wall_s: float
 
 
-@torch.no_grad()
 def denoise_mse(bundle: DiffusionBundle, data: ConceptData, prompt: str, seed: int, n_t: int = 8) -> float:
     """Mean eps-MSE over the images x n_t fixed (timestep, noise) pairs; deterministic for a seed."""
+    import torch
+
+    with torch.no_grad():
+        return _denoise_mse(bundle, data, prompt, seed, n_t)
+
+
+def _denoise_mse(bundle, data, prompt: str, seed: int, n_t: int) -> float:
+    import torch
+
     bundle.eval()
     x0 = bundle.to_model_space(data.images.to(bundle.device))
     sched = bundle.noise_scheduler
@@ -91,7 +100,11 @@ def denoise_mse(bundle: DiffusionBundle, data: ConceptData, prompt: str, seed: i
 
 def evaluate_step(bundle: DiffusionBundle, inp: EvaluateInput, judge=None, heldout: dict | None = None) -> EvaluateOutput:
     """Score every concept in ``inp.concepts`` on ``bundle``; write eval.json and samples.png."""
+    import numpy as np
+    import torch
+
     from components.ingest import load_concept_data
+    from stamina_core.sample import sample, to_uint8_grid
 
     t0 = time.perf_counter()
     os.makedirs(inp.output_dir, exist_ok=True)

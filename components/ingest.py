@@ -28,16 +28,19 @@ import os
 import warnings
 from typing import Literal
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 from pydantic import Field
 
 from components.schemas import ConceptSpec
 from stamina_core.config import StrictModel
 from stamina_core.errors import CheckpointError, StaminaError
-from stamina_core.train import ConceptData
 from stamina_core.hashing import sha256_file
+
+if TYPE_CHECKING:  # validation needs no torch; only loading a dataset for training does
+    from stamina_core.train import ConceptData
 
 ALLOWED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP"}
@@ -318,5 +321,9 @@ def load_concept_data(parquet_path: str, verify: bool = True) -> ConceptData:
             raise CheckpointError(f"{parquet_path}: row {i} is not a {params['image_size']} px PNG; re-run ingest")
         a = np.asarray(im.convert(mode), dtype=np.uint8)
         arrs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    import torch
+
+    from stamina_core.train import ConceptData
+
     x = torch.from_numpy(np.stack(arrs)).float() / 127.5 - 1.0
     return ConceptData(images=x, prompts=list(cols["prompt"]))

@@ -26,15 +26,17 @@ import tempfile
 import uuid
 from urllib.parse import urlparse
 
-import torch
+from typing import TYPE_CHECKING
 
 from components.schemas import BaseModelSpec
 from stamina_core.config import config_hash
-from stamina_core.delta import apply_delta, load_delta
 from stamina_core.errors import CheckpointError, ConfigError
-from stamina_core.methods import reference_weights
-from stamina_core.models import DiffusionBundle, build_tiny, load_model
 from stamina_core.hashing import sha256_file
+
+if TYPE_CHECKING:  # torch / diffusers load only where a model is built: resolving a cached base stays light
+    import torch
+
+    from stamina_core.models import DiffusionBundle
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +267,8 @@ def resolve_base(spec: BaseModelSpec, cache_dir: str | None = None) -> str:
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache_dir)
     try:
+        from stamina_core.models import build_tiny
+
         with tempfile.TemporaryDirectory() as work:
             build_tiny(spec.tiny, workdir=work).save(tmp)
         return _publish(tmp, final, {"source": "tiny", "config": spec.tiny.model_dump(mode="json"),
@@ -273,10 +277,38 @@ def resolve_base(spec: BaseModelSpec, cache_dir: str | None = None) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def model_geometry(model_dir: str) -> tuple[int, int]:
+    """(image side in pixels, image channels) of a diffusers folder, read from its JSON configs only.
+
+    The same numbers as ``load_model(d).image_size`` / ``.image_channels`` without importing diffusers
+    (the job driver needs them to validate images, not the weights).
+    """
+    def cfg(sub: str) -> dict | None:
+        p = os.path.join(model_dir, sub, "config.json")
+        if not os.path.isfile(p):
+            return None
+        with open(p, encoding="utf-8") as f:
+            return json.load(f)
+
+    unet, vae = cfg("unet"), cfg("vae")
+    if unet is None:
+        raise CheckpointError(f"{model_dir}: missing unet/config.json (not a diffusers Stable Diffusion folder)")
+    try:
+        size = int(unet["sample_size"])
+        if vae is None:
+            return size, int(unet["in_channels"])
+        return size * 2 ** (len(vae["block_out_channels"]) - 1), int(vae["in_channels"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{model_dir}: unet/vae config.json lacks a usable {e}") from None
+
+
 # -- chains --------------------------------------------------------------------------------------------
 
 def reconstruct(base_dir: str, delta_paths: list[str], device: str | torch.device = "cpu") -> DiffusionBundle:
     """Load ``base_dir`` and apply each concept's ``delta.safetensors`` in order (the folded chain)."""
+    from stamina_core.delta import apply_delta, load_delta
+    from stamina_core.models import load_model
+
     bundle = load_model(base_dir, device=device)
     for p in delta_paths:
         deltas, token, _ = load_delta(p)
@@ -295,6 +327,10 @@ def load_parent(
 
     W0 is taken from ``reference_dir`` when given, else from ``base_dir`` before any delta is applied.
     """
+    from stamina_core.delta import apply_delta, load_delta
+    from stamina_core.methods import reference_weights
+    from stamina_core.models import load_model
+
     if reference_dir and os.path.abspath(reference_dir) != os.path.abspath(base_dir):
         ref_model = load_model(reference_dir)
         reference = reference_weights(ref_model.unet, targets)

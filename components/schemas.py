@@ -12,10 +12,11 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from stamina_core.classification.continual import ClassificationConfig
-from stamina_core.classification.pretrain import PretrainConfig
+# light config modules only (pydantic): importing the schemas must not pull in torch / diffusers /
+# transformers / peft (the Ray job driver imports this module); tests/unit/test_light_imports.py checks it
+from stamina_core.classification.config import ClassificationConfig, PretrainConfig
 from stamina_core.config import MethodConfig, StrictModel
-from stamina_core.models.bundle import TinyModelConfig
+from stamina_core.models.config import TinyModelConfig
 
 _TOKEN_RE = re.compile(r"^<[A-Za-z0-9_\-]{1,32}>$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,62}$")

@@ -44,6 +44,7 @@ import os
 import shutil
 import tempfile
 import time
+from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import Field
@@ -89,6 +90,10 @@ class TrainConceptInput(StrictModel):
                               "2 s, so reporting more often than every ~2 s stalls the training loop.")
     cache_dir: str | None = Field(None, description="Worker cache for s3:// inputs (default $STAMINA_CACHE or ~/.cache/stamina).")
     keep_checkpoints: int = Field(2, ge=1, description="Ray CheckpointConfig(num_to_keep).")
+    checkpoint_upload: Literal["async", "sync"] = Field(
+        "async", description="Upload intermediate checkpoints in the background ('async': training goes on while a "
+        "staged copy goes to storage; a crash mid-upload loses only that checkpoint) or wait for each ('sync'). The "
+        "final checkpoint always uploads synchronously.")
     parent_delta_sha256: list[str] | None = Field(
         None, description="sha256 of each parent delta.safetensors; lets a warm worker keep its folded model "
         "(computed from parent_deltas when not given). Not part of the config hash.")
@@ -194,10 +199,55 @@ def find_progress(path: str, fs, sequence_id: str, run: str) -> tuple[str, str, 
                     return ("final", e.path, -1)
             elif kind.startswith("ckpt-") and kind[5:].isdigit():
                 step = int(kind[5:])
-                if (best is None or step > best[2]) and \
-                        fs.get_file_info(_join(e.path, RAY_CKPT_META)).type == pafs.FileType.File:
+                if (best is None or step > best[2]) and _ckpt_complete(fs, e.path):
                     best = ("ckpt", e.path, step)
     return best
+
+
+def _file_table(directory: str) -> dict[str, dict]:
+    """{relative path: {size, sha256}} of every file under ``directory`` (a checkpoint's table of contents)."""
+    from stamina_core.hashing import sha256_file
+
+    out = {}
+    for d, _, names in os.walk(directory):
+        for n in names:
+            full = os.path.join(d, n)
+            out[os.path.relpath(full, directory).replace(os.sep, "/")] = {"size": os.path.getsize(full),
+                                                                         "sha256": sha256_file(full)}
+    return out
+
+
+def _ckpt_complete(fs, path: str) -> bool:
+    """Whether a stored checkpoint folder holds its metadata file and every file it lists, at the listed size
+    (an upload cut short by a crash leaves some out). Metadata without a table (older runs) counts as complete."""
+    import pyarrow.fs as pafs
+
+    meta_path = _join(path, RAY_CKPT_META)
+    if fs.get_file_info(meta_path).type != pafs.FileType.File:
+        return False
+    try:
+        with fs.open_input_stream(meta_path) as f:
+            meta = json.loads(f.read().decode())
+    except (OSError, ValueError):
+        return False
+    table = meta.get("files") or {}
+    if not table:
+        return True
+    infos = fs.get_file_info([_join(path, rel) for rel in table])
+    return all(i.type == pafs.FileType.File and i.size == table[rel]["size"] for i, rel in zip(infos, table))
+
+
+def verify_ckpt_copy(directory: str, name: str | None = None) -> None:
+    """Check a downloaded checkpoint against the sha256 table in its metadata file (raises on a mismatch)."""
+    from stamina_core.hashing import sha256_file
+
+    with open(os.path.join(directory, RAY_CKPT_META)) as f:
+        table = json.load(f).get("files") or {}
+    for rel, want in table.items():
+        got = sha256_file(os.path.join(directory, rel))
+        if got != want["sha256"]:
+            raise TrainError(f"checkpoint {name or directory}: {rel} has sha256 {got[:12]}, its metadata says "
+                             f"{want['sha256'][:12]}; delete that checkpoint folder and relaunch")
 
 
 # -- the broker between the driver and the warm worker group ---------------------------------------
@@ -326,6 +376,7 @@ def _train_one(inp: TrainConceptInput, eval_req: dict | None, held: _Held, rank:
     import ray.train
     import ray.train.torch
     import torch
+    from ray.train import CheckpointUploadMode
     from safetensors.torch import save_file
 
     from components.ingest import load_concept_data
@@ -354,6 +405,7 @@ def _train_one(inp: TrainConceptInput, eval_req: dict | None, held: _Held, rank:
         resumed = False
         if found is not None:
             with open_dir(found[1], storage[1]) as d:
+                verify_ckpt_copy(d, found[1])
                 shutil.copytree(d, os.path.join(ckdir, f"{CKPT_PREFIX}{found[2]}"), ignore=shutil.ignore_patterns(RAY_CKPT_META))
             resumed = True
         timings["find_checkpoint_s"] = time.perf_counter() - t0
@@ -390,13 +442,25 @@ def _train_one(inp: TrainConceptInput, eval_req: dict | None, held: _Held, rank:
             m = {k: float(v) for k, v in metrics.items()}
             m["concept_index"] = float(inp.index)
             path = os.path.join(ckdir, f"{CKPT_PREFIX}{done}")
+            t_rep = time.perf_counter()
             if is_ckpt and rank == 0 and os.path.isdir(path):
-                _write_json(os.path.join(path, RAY_CKPT_META), {"step": done, "run": run})
-                ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(path),
-                                 checkpoint_dir_name=f"{run}{SEP}ckpt-{done:06d}")
-                os.remove(os.path.join(path, RAY_CKPT_META))
+                # A staged copy goes up in the background (Ray deletes it once uploaded), so training does not
+                # wait for S3; the core may prune `path` meanwhile. The metadata file lists every file and
+                # its size and sha256: find_progress skips a folder whose upload a crash cut short, and a
+                # resume verifies the digests. The test hook's step uploads synchronously, so the injected
+                # crash finds exactly that checkpoint.
+                stage = os.path.join(work, f"stage-{done}")
+                shutil.copytree(path, stage)
+                _write_json(os.path.join(stage, RAY_CKPT_META), {"step": done, "run": run, "files": _file_table(stage)})
+                sync = inp.checkpoint_upload == "sync" or (fail_at is not None and done == fail_at)
+                ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(stage),
+                                 checkpoint_dir_name=f"{run}{SEP}ckpt-{done:06d}",
+                                 checkpoint_upload_mode=CheckpointUploadMode.SYNC if sync else CheckpointUploadMode.ASYNC,
+                                 delete_local_checkpoint_after_upload=True)
             else:
                 ray.train.report(m)
+            timings["report_s"] = timings.get("report_s", 0.0) + time.perf_counter() - t_rep
+            timings["reports"] = timings.get("reports", 0.0) + 1
             if fail_at is not None and done == fail_at and not resumed:
                 raise RuntimeError(f"{FAIL_ENV}={fail_at}: injected failure after step {done} (test hook)")
 

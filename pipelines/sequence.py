@@ -27,14 +27,13 @@ from pydantic import Field
 
 from components.evaluate import EvalConcept, EvalRequest, EvaluateInput, EvaluateOutput, evaluate_step
 from components.ingest import IngestInput, ingest
-from components.model_io import default_cache_dir, model_digest, reconstruct, resolve_base
+from components.model_io import default_cache_dir, model_digest, model_geometry, reconstruct, resolve_base
 from components.publish import PublishInput, publish_step
 from components.schemas import SequenceConfig
 from components.store import ChainStore, StoreError, s3_client
 from components.train_concept import TrainConceptInput, TrainSession
 from stamina_core.config import StrictModel, config_hash, load_yaml, parse
 from stamina_core.errors import ConfigError, StaminaError
-from stamina_core.models.bundle import load_model
 
 
 class SequenceError(StaminaError, RuntimeError):
@@ -164,6 +163,22 @@ def _run_sequence(cfg: SequenceConfig, work_dir: str, submission_id: str | None,
     return summary
 
 
+def _preload_model_code() -> None:
+    """Import torch/diffusers in a background thread while the workers train a concept: the driver needs them
+    only to write a materialised model folder, and importing them up front would delay the workers by ~8 s."""
+    import importlib
+    import threading
+
+    def load() -> None:
+        try:
+            importlib.import_module("stamina_core.delta")
+            importlib.import_module("stamina_core.models.bundle")
+        except Exception:  # noqa: BLE001 - the real import later reports any error
+            pass
+
+    threading.Thread(target=load, name="stamina-preload", daemon=True).start()
+
+
 def _safe_id(s: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in s)[:40]
 
@@ -179,9 +194,7 @@ def _run_pending(cfg, work, submission_id, progress, t_start, chash, cache, clie
             f"{existing_base.manifest.extra.get('base', {}).get('digest', '?')[:12]}, this config resolves to "
             f"{base_ref['digest'][:12]}; use a new sequence_id"
         )
-    base_model = load_model(base_dir)
-    img_size, channels = base_model.image_size, base_model.image_channels
-    del base_model
+    img_size, channels = model_geometry(base_dir)  # JSON only: the driver never imports diffusers up front
 
     # 2. validate every pending concept's images before any training starts
     datasets = {}
@@ -255,6 +268,10 @@ def _run_pending(cfg, work, submission_id, progress, t_start, chash, cache, clie
                 req = EvalRequest(concepts=list(to_eval), samples_per_concept=cfg.eval.samples_per_concept,
                                   num_inference_steps=cfg.eval.num_inference_steps,
                                   guidance_scale=cfg.eval.guidance_scale, seed=cfg.eval.seed)
+            pol = cfg.storage.materialize
+            materialize_here = pol == "all" or (pol == "head" and i == T) or (pol == "every_k" and i % cfg.storage.every_k == 0)
+            if materialize_here:
+                _preload_model_code()  # imports overlap this concept's training
             tr = session.train(TrainConceptInput(
                 sequence_id=cfg.sequence_id, index=i, base_dir=base_dir, parent_deltas=list(delta_paths),
                 parent_delta_sha256=list(delta_shas),
@@ -278,8 +295,7 @@ def _run_pending(cfg, work, submission_id, progress, t_start, chash, cache, clie
             shutil.copy(ds.parquet_path, os.path.join(step_dir, "dataset.parquet"))
             shutil.copy(ds.dataset_json, os.path.join(step_dir, "dataset.json"))
             materialize = None
-            pol = cfg.storage.materialize
-            if pol == "all" or (pol == "head" and i == T) or (pol == "every_k" and i % cfg.storage.every_k == 0):
+            if materialize_here:
                 bundle = bundle or reconstruct(base_dir, delta_paths + [tr.delta_path])
                 materialize = bundle.save(os.path.join(work, f"{i:03d}-{c.name}", "model"))
             del bundle

@@ -134,6 +134,8 @@ class MethodConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _known_method(cls, v: str) -> str:
+        if v in METHOD_NAMES:  # built in: no need to load the registry (and torch) just to validate a config
+            return v
         from .methods import registry  # late import: the registry imports this module
 
         if v not in registry.available():

@@ -70,6 +70,34 @@ class TrainResult:
 StepCallback = Callable[[int, dict], None]
 
 
+def _all_reduce_mean(dist, params: list, step_loss: float, world: int, dev) -> float:
+    """Average the gradients of ``params`` and the step loss over ranks with ONE collective per step.
+
+    The grads and the loss go into one flat buffer: a collective per tensor cost ~30 ms per step over gloo
+    on CPU (dozens of small adapter/mask tensors), ~20 % of a tiny concept's training time.
+    """
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    if len({g.dtype for g in grads}) > 1:  # mixed dtypes cannot share a buffer: one collective per tensor
+        for g in grads:
+            dist.all_reduce(g)
+            g.div_(world)
+        lt = torch.tensor([step_loss], device=dev)
+        dist.all_reduce(lt)
+        return float(lt.item()) / world
+    flat = _flatten_dense_tensors(grads + [torch.tensor([step_loss], dtype=grads[0].dtype, device=dev)])
+    dist.all_reduce(flat)
+    flat.div_(world)
+    *synced, loss = _unflatten_dense_tensors(flat, grads + [flat[-1:]])
+    for g, new in zip(grads, synced):
+        g.copy_(new)
+    return float(loss.item())
+
+
 def _dist():
     import torch.distributed as dist
 
@@ -162,15 +190,8 @@ def train_concept(
         if pen is not None and pen.requires_grad:
             pen.backward()
             pen_val = float(pen.detach())
-        if dist is not None:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-                p.grad.div_(world)
-            lt = torch.tensor([step_loss], device=dev)
-            dist.all_reduce(lt)
-            step_loss = float(lt.item()) / world
+        if dist is not None and world > 1:
+            step_loss = _all_reduce_mean(dist, params, step_loss, world, dev)
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"loss became {step_loss} at step {step}; lower the learning rate")
         torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)

@@ -29,7 +29,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,61 +37,25 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from ..adapters.layers import LoRALinear
-from ..config import AdapterConfig, CLoRAConfig, MaskConfig, MethodConfig, StrictModel, TokenConfig, TrainConfig
+from ..config import MethodConfig
 from ..errors import ConfigError, FoldError
 from ..eval.metrics import ContinualMatrix
 from ..fold import fold_adapters
 from ..inject import match_targets
 from ..methods import registry
 from ..methods.base import ConceptState, MethodSpec, reference_weights
+from .config import (  # noqa: F401  (light module; re-exported here)
+    ADAPTER_KIND,
+    CLASSIFICATION_METHODS,
+    DEFAULT_VIT_TARGETS,
+    ClassificationConfig,
+    _default_adapter,
+    _default_train,
+)
 from .data import ClassIncrementalBenchmark, TaskData, random_shift
-from .model import DEFAULT_VIT_TARGETS, GrowingHead, ViTClassifier, attach_vit_adapters, freeze_backbone
+from .model import GrowingHead, ViTClassifier, attach_vit_adapters, freeze_backbone
 
-CLASSIFICATION_METHODS = ("stamina", "lora_seq", "clora", "seq_ft", "head_only", "joint")
-ADAPTER_KIND = {"stamina": "masked_lora", "lora_seq": "lora", "clora": "lora"}
 DIRECT_FT = ("seq_ft", "joint")
-
-
-def _default_adapter() -> AdapterConfig:
-    return AdapterConfig(rank=4, alpha=4.0, targets=list(DEFAULT_VIT_TARGETS))
-
-
-def _default_train() -> TrainConfig:
-    return TrainConfig(max_train_steps=100, train_batch_size=32, learning_rate=1e-3, hflip=False, cfg_dropout=0.0)
-
-
-class ClassificationConfig(StrictModel):
-    """One class-incremental run: the method and its knobs (the diffusion track's config blocks)."""
-
-    method: Literal["stamina", "lora_seq", "clora", "seq_ft", "head_only", "joint"] = Field(
-        "stamina", description=f"Continual method, one of {CLASSIFICATION_METHODS}."
-    )
-    adapter: AdapterConfig = Field(
-        default_factory=_default_adapter,
-        description="Low-rank adapters; targets name ViT Linear layers (transformers 5.x: q_proj/k_proj/v_proj/o_proj). "
-        "seq_ft/joint fine-tune these same layers directly.",
-    )
-    mask: MaskConfig = Field(default_factory=MaskConfig, description="STAMINA mask generator (stamina only).")
-    clora: CLoRAConfig = Field(default_factory=CLoRAConfig, description="C-LoRA penalty (clora only).")
-    train: TrainConfig = Field(
-        default_factory=_default_train,
-        description="Per-task loop: max_train_steps, train_batch_size, learning_rate (adapter factors), "
-        "adam_weight_decay, max_grad_norm, seed (hflip, cfg_dropout, checkpointing and mixed_precision are unused).",
-    )
-    head_learning_rate: float = Field(1e-2, gt=0, description="Learning rate of the current task's head rows.")
-    ft_learning_rate: float = Field(1e-4, gt=0, description="Learning rate of directly fine-tuned weights (seq_ft, joint).")
-    max_shift: int = Field(2, ge=0, description="Random shift augmentation of training images, in pixels.")
-    joint_steps: int = Field(0, ge=0, description="Steps of the joint upper bound; 0 = tasks x train.max_train_steps.")
-    eval_batch_size: int = Field(512, ge=1, description="Images per evaluation batch.")
-
-    def method_config(self) -> MethodConfig | None:
-        """The diffusion-track ``MethodConfig`` of an adapter method (None for seq_ft/head_only/joint)."""
-        if self.method not in ADAPTER_KIND:
-            return None
-        return MethodConfig(
-            name=self.method, adapter=self.adapter, mask=self.mask, clora=self.clora, train=self.train,
-            token=TokenConfig(kind="none"),
-        )
 
 
 @dataclass

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 
-from ..config import StrictModel
 from ..errors import ConfigError, StaminaError
+from .config import GlyphPretrainConfig, GlyphRConfig  # noqa: F401  (light module; re-exported here)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -85,28 +83,6 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 # -- Glyph-R ------------------------------------------------------------------------------------------
-
-
-class GlyphPretrainConfig(StrictModel):
-    """The pretraining ("ImageNet") set: clean base glyph classes."""
-
-    num_classes: int = Field(0, ge=0, description="Base classes to use, first in the fixed order; 0 = all of them.")
-    train_per_class: int = Field(200, ge=1, description="Training images per class.")
-    val_per_class: int = Field(30, ge=1, description="Validation images per class.")
-    image_size: int = Field(32, ge=8, description="Image side in pixels.")
-    seed: int = Field(0, description="Rendering seed.")
-
-
-class GlyphRConfig(StrictModel):
-    """The incremental ("ImageNet-R") tasks: held-out glyph classes in rendition styles."""
-
-    tasks: int = Field(10, ge=1, description="Number of tasks.")
-    classes_per_task: int = Field(10, ge=1, description="New classes per task.")
-    train_per_class: int = Field(60, ge=1, description="Training images per class.")
-    test_per_class: int = Field(20, ge=1, description="Test images per class.")
-    image_size: int = Field(32, ge=8, description="Image side in pixels.")
-    style: Literal["rendition", "clean"] = Field("rendition", description="Rendering style of the task images.")
-    seed: int = Field(0, description="Seed of the class order (which held-out classes, in which order) and of rendering.")
 
 
 def glyph_pretrain_data(cfg: GlyphPretrainConfig) -> tuple[TaskData, list[str]]:

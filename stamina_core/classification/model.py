@@ -26,73 +26,19 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import ViTConfig, ViTModel
+from transformers import ViTModel
 
 from ..adapters.layers import LoRALinear, MaskedLoRALinear
-from ..config import AdapterConfig, MaskConfig, StrictModel
+from ..config import AdapterConfig, MaskConfig
 from ..errors import CheckpointError, ConfigError
 from ..inject import attach
+from .config import DEFAULT_VIT_TARGETS, ViTSpec  # noqa: F401  (light module; re-exported here)
 
-DEFAULT_VIT_TARGETS = ("q_proj", "v_proj")
 CLASSIFIER_FORMAT = "stamina-vit-classifier/1"
 META_FILE = "classifier.json"
 DONE_FILE = "DONE"
-
-
-class ViTSpec(StrictModel):
-    """A small ViT built from config (random init), optionally behind a convolutional stem."""
-
-    image_size: int = Field(32, ge=8, description="Input image side in pixels.")
-    num_channels: int = Field(1, ge=1, le=4, description="Input image channels.")
-    patch_size: int = Field(4, ge=1, description="Patch side in input pixels (with the conv stem: a multiple of 4).")
-    hidden_size: int = Field(64, ge=8, description="Transformer width.")
-    num_hidden_layers: int = Field(4, ge=1, description="Transformer depth.")
-    num_attention_heads: int = Field(4, ge=1, description="Attention heads (must divide hidden_size).")
-    intermediate_size: int = Field(256, ge=8, description="MLP width.")
-    stem: Literal["none", "conv"] = Field(
-        "conv",
-        description="'conv': two stride-2 3x3 convolutions before the ViT (a 'hybrid' early-conv stem, much "
-        "better with little pretraining data); 'none': the plain ViT patch embedding.",
-    )
-    stem_channels: list[int] = Field(
-        default_factory=lambda: [32, 64], min_length=2, max_length=2, description="Output channels of the two stem convs."
-    )
-    initializer_range: float = Field(
-        0.2,
-        gt=0,
-        description="Std of the ViT's truncated-normal init. Hugging Face's 0.02 leaves the CLS feature almost "
-        "independent of mostly-background glyph images, and training sat at chance loss for hundreds of steps; "
-        "0.2 learns from the first steps.",
-    )
-    seed: int = Field(0, description="Seed of the random initialisation.")
-
-    @model_validator(mode="after")
-    def _check(self) -> "ViTSpec":
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
-        if self.stem == "conv" and self.patch_size % 4:
-            raise ValueError(f"patch_size {self.patch_size} must be a multiple of 4 with the conv stem (it downsamples 4x)")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
-        return self
-
-    def vit_config(self) -> ViTConfig:
-        down = 4 if self.stem == "conv" else 1
-        return ViTConfig(
-            image_size=self.image_size // down,
-            patch_size=self.patch_size // down,
-            num_channels=self.stem_channels[-1] if self.stem == "conv" else self.num_channels,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            intermediate_size=self.intermediate_size,
-            initializer_range=self.initializer_range,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
 
 
 class ConvStem(nn.Module):

@@ -22,28 +22,12 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
-from ..config import StrictModel, config_hash
+from ..config import config_hash
 from ..errors import ConfigError
-from .data import GlyphPretrainConfig, glyph_pretrain_data, random_shift
-from .model import ViTClassifier, ViTSpec, build_classifier, load_classifier, save_classifier
-
-
-class PretrainConfig(StrictModel):
-    """Supervised pretraining of the ViT backbone on base glyph classes."""
-
-    spec: ViTSpec = Field(default_factory=ViTSpec, description="Backbone architecture.")
-    data: GlyphPretrainConfig = Field(default_factory=GlyphPretrainConfig, description="Pretraining data.")
-    epochs: int = Field(5, ge=1, description="Passes over the training set.")
-    batch_size: int = Field(64, ge=1, description="Images per step.")
-    learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on biases/norms).")
-    warmup_frac: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
-    max_shift: int = Field(2, ge=0, description="Random shift augmentation in pixels.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    seed: int = Field(0, description="Seed of batch order and augmentation (init uses spec.seed).")
+from .config import PretrainConfig  # noqa: F401  (light module; re-exported here)
+from .data import glyph_pretrain_data, random_shift
+from .model import ViTClassifier, build_classifier, load_classifier, save_classifier
 
 
 def _param_groups(model: torch.nn.Module, wd: float) -> list[dict]:

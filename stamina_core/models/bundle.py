@@ -18,31 +18,13 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from pydantic import Field
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..config import StrictModel
 from ..errors import CheckpointError, ConfigError
+from .config import TinyModelConfig  # noqa: F401  (light module; re-exported here)
 from .tokenizer import build_byte_tokenizer
 
 META_FILE = "stamina_model.json"
-
-
-class TinyModelConfig(StrictModel):
-    """The tiny SD-shaped family (random init; pretrained by the project)."""
-
-    sample_size: int = Field(16, ge=8, description="Image side in pixels (pixel space) or latents (latent space).")
-    channels: int = Field(1, ge=1, le=4, description="Image channels (pixel space) or latent channels.")
-    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64], min_length=2, description="UNet widths.")
-    layers_per_block: int = Field(1, ge=1, description="Resnet layers per UNet block.")
-    attention_head_dim: int = Field(4, ge=1, description="diffusers' attention_head_dim (heads per attention).")
-    cross_attention_dim: int = Field(32, ge=8, description="Text hidden size = UNet cross-attention dim.")
-    text_layers: int = Field(2, ge=1, description="CLIP text encoder layers.")
-    text_heads: int = Field(4, ge=1, description="CLIP text encoder heads.")
-    text_intermediate: int = Field(128, ge=8, description="CLIP text encoder MLP width.")
-    max_length: int = Field(40, ge=8, le=77, description="Tokenizer model_max_length (prompt length in tokens).")
-    latent: bool = Field(False, description="Add a tiny AutoencoderKL and train in latent space (code-path tests).")
-    seed: int = Field(0, description="Seed of the random initialisation.")
 
 
 @dataclass
@@ -191,17 +173,18 @@ def build_tiny(cfg: TinyModelConfig | None = None, workdir: str | None = None) -
     cfg = cfg or TinyModelConfig()
     torch.manual_seed(cfg.seed)
     tdir = workdir or tempfile.mkdtemp(prefix="stamina-tok-")
-    tok = build_byte_tokenizer(os.path.join(tdir, "tokenizer-src"), model_max_length=cfg.max_length)
+    tok = build_byte_tokenizer(os.path.join(tdir, "tokenizer-src"), model_max_length=cfg.max_length, words=cfg.words)
     chans = tuple(cfg.block_out_channels)
     n = len(chans)
+    first = "CrossAttn" if cfg.full_res_attention else ""
     unet = UNet2DConditionModel(
         sample_size=cfg.sample_size,
         in_channels=cfg.channels,
         out_channels=cfg.channels,
         block_out_channels=chans,
         layers_per_block=cfg.layers_per_block,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        down_block_types=(f"{first}DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + (f"{first}UpBlock2D",),
         cross_attention_dim=cfg.cross_attention_dim,
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=min(32, chans[0]),

@@ -39,6 +39,21 @@ def write_byte_vocab(directory: str) -> tuple[str, str]:
     return vpath, mpath
 
 
-def build_byte_tokenizer(directory: str, model_max_length: int = 77) -> CLIPTokenizer:
+def build_byte_tokenizer(directory: str, model_max_length: int = 77, words: list[str] | tuple[str, ...] = ()) -> CLIPTokenizer:
+    """The byte-level CLIP tokenizer, plus one id per entry of ``words`` (whole words only).
+
+    ``words`` plays the role of real CLIP's merged word tokens ("dog</w>" is one id in SD's vocabulary):
+    each is added as a single-word token, so ``"a photo of a digit three"`` encodes "digit" and "three"
+    as one id each, while any other text still falls back to bytes. Saved and reloaded with the
+    tokenizer folder like any added token.
+    """
+    from transformers import AddedToken
+
     vpath, mpath = write_byte_vocab(directory)
-    return CLIPTokenizer(vpath, mpath, pad_token="<|endoftext|>", model_max_length=model_max_length)
+    tok = CLIPTokenizer(vpath, mpath, pad_token="<|endoftext|>", model_max_length=model_max_length)
+    bad = [w for w in words if not w or w != w.strip().lower() or any(ch.isspace() for ch in w)]
+    if bad:
+        raise ValueError(f"words: {bad[0]!r} must be one lower-case word without spaces")
+    if words:
+        tok.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in words])
+    return tok

@@ -46,3 +46,23 @@ def test_three_concept_smoke(method, tmp_path):
         assert os.path.getsize(tmp_path / f"continual-{method}-seed0-{suffix}.png") > 1000
     if method == "textual_inversion":
         assert run["stored_bytes_per_concept"] < 1000  # a token row only
+
+
+def test_seeds_run_apart_are_added_to_one_result_and_mismatches_refused(tmp_path):
+    """--add-seeds: seeds run in separate processes end in one result file (mean ± std over all of them);
+    a different setting or a repeated seed is refused instead of mixing incomparable runs."""
+    mod = _bench_main()
+    cache = tmp_path.parent / "bench-cache"
+    base = ["--smoke", "--method", "textual_inversion", "--concepts", "3", "--steps", "2", "--samples", "4",
+            "--sample-steps", "2", "--pairs", "0", "--eval", "diagonal_and_final", "--cache-dir", str(cache),
+            "--results-dir", str(tmp_path)]
+    assert mod["main"](base + ["--seeds", "0"]) == 0
+    assert mod["main"](base + ["--seeds", "1", "--add-seeds"]) == 0
+    out = json.loads((tmp_path / "continual-textual_inversion.json").read_text())
+    assert [r["seed"] for r in out["runs"]] == [0, 1] and out["seeds"] == [0, 1]
+    assert " ; " in out["command"] and all("by_kind" in r for r in out["runs"])
+    with pytest.raises(SystemExit, match="already has seed"):
+        mod["main"](base + ["--seeds", "1", "--add-seeds"])
+    with pytest.raises(SystemExit, match="other settings"):
+        other = [("3" if a == "2" and base[k - 1] == "--steps" else a) for k, a in enumerate(base)]
+        mod["main"](other + ["--seeds", "2", "--add-seeds"])

@@ -115,3 +115,21 @@ def test_reconstruct_equals_in_process_fold(tmp_path, tiny_spec):
     w0 = load_model(base).unet
     assert ref and all(torch.equal(v, w0.get_submodule(n).weight) for n, v in ref.items())
     assert any(not torch.equal(v, parent.unet.get_submodule(n).weight) for n, v in ref.items())
+
+
+@pytest.mark.parametrize("latent", [False, True])
+def test_model_geometry_reads_json_like_load_model(tmp_path, micro_config, latent):
+    """The driver validates images against (size, channels) read from config.json, without diffusers."""
+    from components.model_io import model_geometry
+    from stamina_core.models import build_tiny
+
+    d = str(tmp_path / "m")
+    cfg = micro_config()
+    if latent:
+        cfg = cfg.model_copy(update={"latent": True, "channels": 4})
+    build_tiny(cfg, workdir=str(tmp_path / "w")).save(d)
+    b = load_model(d)
+    assert model_geometry(d) == (b.image_size, b.image_channels)
+    os.remove(os.path.join(d, "unet", "config.json"))
+    with pytest.raises(CheckpointError, match="unet/config.json"):
+        model_geometry(d)

@@ -78,3 +78,36 @@ def test_config_changes_the_key_and_rejects_mismatched_sizes(tmp_path):
     with pytest.raises(pt.CheckpointError, match="sample_size"):
         pt.pretrain_tiny(bad, str(tmp_path), progress=False)
     assert not os.listdir(tmp_path)  # nothing half-written left behind
+
+
+def test_caption_words_are_single_tokens_and_survive_save_and_load(tmp_path):
+    """word_tokens: every word of the base captions is one id (like real CLIP's word tokens), so class names
+    do not differ only in their last bytes; the saved tokenizer keeps them, and other text stays byte-level."""
+    cfg = pt.tiny_pretrain_config().model_copy(update={"word_tokens": True, "max_train_steps": 2})
+    path = pt.pretrain_tiny(cfg, str(tmp_path), progress=False)
+    b = load_model(path)
+    tok = b.tokenizer
+    for word in ("bear", "digit", "zero", "photo"):
+        assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
+    ids = tok("a photo of a digit zero", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 6
+    assert len(tok("zebra", add_special_tokens=False)["input_ids"]) == 5  # not a base word: bytes
+    assert len(tok("bearx", add_special_tokens=False)["input_ids"]) == 5  # whole words only
+    assert b.text_encoder.get_input_embeddings().num_embeddings == len(tok)
+    legacy = pt.tiny_pretrain_config()
+    assert legacy.hash() != cfg.hash() and not legacy.word_tokens
+    assert pt.model_config(legacy, ["a photo of a bear"]).words == []
+    # fields added after the default base was cached do not move its key while at their defaults
+    assert pt.PretrainConfig().hash() == "5a9ef7591d6b"
+
+
+def test_word_list_is_validated_and_full_res_attention_adds_a_block(micro_config):
+    from stamina_core.models import build_tiny
+    from stamina_core.models.tokenizer import build_byte_tokenizer
+
+    with pytest.raises(ValueError, match="words"):
+        build_byte_tokenizer("/tmp/stamina-tok-test", words=["two words"])
+    plain = build_tiny(micro_config())
+    full = build_tiny(micro_config().model_copy(update={"full_res_attention": True}))
+    assert not hasattr(plain.unet.down_blocks[0], "attentions")
+    assert len(full.unet.down_blocks[0].attentions) >= 1 and len(full.unet.up_blocks[-1].attentions) >= 1

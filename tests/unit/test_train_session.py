@@ -87,3 +87,34 @@ def test_find_progress_picks_final_then_newest_checkpoint_across_sessions(tmp_pa
     os.remove(os.path.join(newest, RAY_CKPT_META))
     fin = mk("seq-001-aaa", f"{run}{SEP}final", result=True)
     assert find_progress(str(root), None, "seq", run) == ("final", fin, -1)
+
+
+def test_find_progress_skips_a_checkpoint_whose_upload_was_cut_short(tmp_path):
+    """Async uploads: the metadata file may land before the files it lists; such a folder is not progress,
+    and a downloaded checkpoint whose bytes differ from the table is refused with the folder's name."""
+    import pytest
+
+    from components.train_concept import RAY_CKPT_META, SEP, TrainError, _file_table, find_progress, verify_ckpt_copy
+
+    root = tmp_path / "ray"
+    run = "seq-001-abc"
+
+    def mk(step, files):
+        d = root / "seq-001-s1" / f"{run}{SEP}ckpt-{step:06d}"
+        d.mkdir(parents=True)
+        for name, data in files.items():
+            (d / name).write_bytes(data)
+        (d / RAY_CKPT_META).write_text(json.dumps({"step": step, "run": run, "files": _file_table(str(d))}))
+        return d
+
+    old = mk(50, {"adapter.safetensors": b"a" * 64, "state.json": b"{}"})
+    new = mk(100, {"adapter.safetensors": b"b" * 64, "state.json": b"{}"})
+    assert find_progress(str(root), None, "seq", run) == ("ckpt", str(new), 100)
+    os.remove(new / "adapter.safetensors")  # upload stopped after the metadata file
+    assert find_progress(str(root), None, "seq", run) == ("ckpt", str(old), 50)
+    (new / "adapter.safetensors").write_bytes(b"b" * 10)  # partial file: wrong size
+    assert find_progress(str(root), None, "seq", run) == ("ckpt", str(old), 50)
+    verify_ckpt_copy(str(old))
+    (old / "adapter.safetensors").write_bytes(b"c" * 64)  # same size, other bytes
+    with pytest.raises(TrainError, match="adapter.safetensors has sha256"):
+        verify_ckpt_copy(str(old), "s3://b/ray/x")

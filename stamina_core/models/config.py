@@ -1,0 +1,35 @@
+"""Light config of the model family: pydantic + stdlib only (no torch / diffusers / transformers).
+
+Importing this module (e.g. from ``components.schemas`` in the Ray job driver) must stay cheap;
+``bundle.py`` re-exports ``TinyModelConfig`` for existing imports.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..config import StrictModel
+
+
+class TinyModelConfig(StrictModel):
+    """The tiny SD-shaped family (random init; pretrained by the project)."""
+
+    sample_size: int = Field(16, ge=8, description="Image side in pixels (pixel space) or latents (latent space).")
+    channels: int = Field(1, ge=1, le=4, description="Image channels (pixel space) or latent channels.")
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64], min_length=2, description="UNet widths.")
+    layers_per_block: int = Field(1, ge=1, description="Resnet layers per UNet block.")
+    attention_head_dim: int = Field(4, ge=1, description="diffusers' attention_head_dim (heads per attention).")
+    cross_attention_dim: int = Field(32, ge=8, description="Text hidden size = UNet cross-attention dim.")
+    text_layers: int = Field(2, ge=1, description="CLIP text encoder layers.")
+    text_heads: int = Field(4, ge=1, description="CLIP text encoder heads.")
+    text_intermediate: int = Field(128, ge=8, description="CLIP text encoder MLP width.")
+    max_length: int = Field(40, ge=8, le=77, description="Tokenizer model_max_length (prompt length in tokens).")
+    latent: bool = Field(False, description="Add a tiny AutoencoderKL and train in latent space (code-path tests).")
+    full_res_attention: bool = Field(
+        False, description="Cross-attention blocks at every UNet level, including the full-resolution one (SD has it)."
+    )
+    words: list[str] = Field(
+        default_factory=list,
+        description="Whole words that get one token id each (like real CLIP's word tokens); other text stays byte-level.",
+    )
+    seed: int = Field(0, description="Seed of the random initialisation.")
