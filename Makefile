@@ -58,6 +58,7 @@ bench-continual-tune: install
 	  $(TUNE) --method $$m --tag lr1e-2-tok5e-2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 || exit 1; done
 	$(TUNE) --method textual_inversion --tag tok5e-3 --set token.learning_rate=5e-3
 	$(TUNE) --method textual_inversion --tag tok5e-2 --set token.learning_rate=5e-2
+	$(PY) bench/continual.py --tuning-table bench/results/tuning
 
 bench-classification: install
 	$(PY) bench/classification.py --methods stamina,lora_seq,clora,seq_ft,head_only,joint --tasks 10 --seeds 0,1,2 --steps 100 --lr 3e-4 --head_learning_rate 1e-2 --ft_learning_rate 1e-4 --clora_weight 1e5 --mask_sparsity 0.1 --mask_learning_rate 0.1

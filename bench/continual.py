@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -68,7 +69,10 @@ def method_config(name: str, steps: int, overrides: dict | None = None, seed: in
 def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, out_prefix: str) -> dict:
     torch.manual_seed(seed)
     bundle = load_model(base_dir)
-    classes = (bench.tuning if args.tuning else bench.order(seed))[: args.concepts]
+    pool = bench.tuning if args.tuning else bench.order(seed)
+    if args.kind:  # ablations on one kind of concept (e.g. the animals the tiny base can draw)
+        pool = [c for c in pool if c.kind == args.kind]
+    classes = pool[: args.concepts]
     items = [ConceptItem(c.slug, c.token, ConceptData(to_tensor_range(bench.train_images(c)), [c.caption]))
              for c in classes]
     names = [c.slug for c in classes]
@@ -137,6 +141,8 @@ def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, o
         "added_inference_params": int(max(o.fold.added_inference_params for o in outcomes)),
         "mask_density": [o.fold.summary()["mean_density"] for o in outcomes],
         "density_by_type": [o.fold.density_by_type() for o in outcomes],
+        "delta_fro": [o.fold.summary()["delta_fro_total"] for o in outcomes],
+        "token_norm": [o.fold.token_norm for o in outcomes],
         "steps_per_concept": args.steps,
         "train_wall_s_per_concept": float(np.mean([o.train.wall_s for o in outcomes])),
         "wall_s": wall,
@@ -202,6 +208,30 @@ def results_table(results_dir: str = RESULTS_DIR) -> str:
     return head + "\n" + "\n".join(rows)
 
 
+def tuning_table(tuning_dir: str) -> str:
+    """The tuning grid (``--tuning`` runs, one file per setting) with the rule's choice per method:
+    the lowest final KID (A over the KID matrix), since on the tuning glyphs accuracy sits at the floor."""
+    rows: dict[str, list] = {}
+    for fn in sorted(os.listdir(tuning_dir)):
+        if not (fn.startswith("continual-") and fn.endswith("-tuning.json")):
+            continue
+        with open(os.path.join(tuning_dir, fn)) as f:
+            r = json.load(f)
+        sa, sk = r["runs"][0]["summary_accuracy"], r["runs"][0]["summary_kid"]
+        sets = r.get("set")
+        if sets is None:  # files written before "set" was a recorded setting: read it back from the command
+            sets = sorted(re.findall(r"--set (\S+)", r["command"]))
+        rows.setdefault(r["method"], []).append((sk["A"], r["tag"], sa, ", ".join(sets) or "defaults"))
+    out = ["| method | setting (`--set`) | A (acc) | P (acc) | F_max | final KID×1e3 (↓) | chosen |",
+           "|---|---|---:|---:|---:|---:|---|"]
+    for method in sorted(rows):
+        best = min(x[0] for x in rows[method])
+        for kid_a, tag, sa, sets in sorted(rows[method], key=lambda x: x[0]):
+            out.append(f"| {method} | {sets} | {sa['A']:.3f} | {sa['P']:.3f} | {sa['F_max']:.3f} | {kid_a:.0f} | "
+                       f"{'yes' if kid_a == best else ''} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", default="stamina")
@@ -221,12 +251,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default min(2, cores); 1 when methods run side by side)")
     p.add_argument("--pairs", type=int, default=5, help="random concept pairs scored at the end")
     p.add_argument("--tuning", action="store_true", help="run on the separate tuning concepts")
+    p.add_argument("--kind", choices=["animal", "glyph"], default=None,
+                   help="only concepts of this kind, in the seed's order (ablations; --concepts caps the count)")
     p.add_argument("--set", action="append", default=[], help="dotted MethodConfig override, e.g. mask.rank=8")
     p.add_argument("--tag", default="", help="suffix of the result files (ablations)")
     p.add_argument("--cache-dir", default=None, help="base model / judge cache (default $STAMINA_CACHE or ~/.cache/stamina)")
     p.add_argument("--results-dir", default=RESULTS_DIR, help="where JSON and plots go (RESULTS.md only for the default)")
     p.add_argument("--smoke", action="store_true", help="tiny benchmark, tiny base and judge: seconds (tests)")
+    p.add_argument("--tuning-table", metavar="DIR", default=None,
+                   help="only print the tuning grid found in DIR (and update RESULTS.md for bench/results/tuning)")
     args = p.parse_args(argv)
+    if args.tuning_table:
+        body = tuning_table(args.tuning_table)
+        if os.path.abspath(args.tuning_table) == os.path.abspath(os.path.join(RESULTS_DIR, "tuning")):
+            update_markdown_section(RESULTS_MD, "continual_tuning", body)
+        print(body)
+        return 0
     if args.cache_dir is None:
         from components.model_io import default_cache_dir
 
@@ -254,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"method": args.method, "tag": args.tag, "concepts": args.concepts, "steps": args.steps,
                 "eval": args.eval, "full_every": args.full_every, "samples": args.samples,
                 "sample_steps": args.sample_steps, "guidance": args.guidance, "tuning": args.tuning,
-                "set": sorted(args.set)}
+                "set": sorted(args.set), **({"kind": args.kind} if args.kind else {})}
     earlier = _earlier_runs(prefix + ".json", settings, seeds) if args.add_seeds else None
     runs = [run_seed(args, s, bench, base_dir, judge, prefix) for s in seeds]
     cmd = "stamina bench continual " + " ".join(a if " " not in a else repr(a) for a in (argv or sys.argv[1:]))

@@ -66,3 +66,44 @@ def test_seeds_run_apart_are_added_to_one_result_and_mismatches_refused(tmp_path
     with pytest.raises(SystemExit, match="other settings"):
         other = [("3" if a == "2" and base[k - 1] == "--steps" else a) for k, a in enumerate(base)]
         mod["main"](other + ["--seeds", "2", "--add-seeds"])
+
+
+def test_ablation_runs_variants_on_one_kind_and_tabulates_them(tmp_path):
+    """bench/continual_ablation.py: each variant runs through bench/continual.py on the animals only,
+    records mask density and delta norms per concept, and the table has one row per finished variant."""
+    sys.path.insert(0, str(REPO))
+    mod = runpy.run_path(str(REPO / "bench" / "continual_ablation.py"), run_name="bench_ablation_test")
+    cache = tmp_path.parent / "bench-cache"
+    rc = mod["main"](["--smoke", "--variants", "sparse,textual_inversion", "--seeds", "0",
+                      "--results-dir", str(tmp_path), "--cache-dir", str(cache)])
+    assert rc == 0
+    out = json.loads((tmp_path / "continual-stamina-sparse.json").read_text())
+    run = out["runs"][0]
+    assert out["kind"] == "animal" and set(run["kinds"]) == {"animal"}
+    assert "mask.sparsity_weight=0.1" in out["set"] and run["config"]["mask"]["sparsity_weight"] == 0.1
+    assert len(run["delta_fro"]) == len(run["order"]) and all(d > 0 for d in run["delta_fro"])
+    ti = json.loads((tmp_path / "continual-textual_inversion-ablation.json").read_text())["runs"][0]
+    assert all(d == 0 for d in ti["delta_fro"])  # token only: the weights never move
+    rows = [ln for ln in mod["table"](str(tmp_path)).splitlines() if ln.startswith("| ")][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| textual_inversion", "| sparse"]
+    with pytest.raises(SystemExit, match="unknown"):
+        mod["main"](["--variants", "nope", "--table", "--results-dir", str(tmp_path)])
+
+
+def test_tuning_table_marks_the_lowest_final_kid_per_method(tmp_path):
+    mod = _bench_main()
+
+    def put(method, tag, kid_a, acc_a, sets, with_set=True):
+        r = {"method": method, "tag": tag, "command": "stamina bench continual " + " ".join(f"--set {x}" for x in sets),
+             "runs": [{"summary_accuracy": {"A": acc_a, "P": 0.1, "F_max": 0.0}, "summary_kid": {"A": kid_a}}]}
+        if with_set:
+            r["set"] = sets
+        (tmp_path / f"continual-{method}-{tag}-tuning.json").write_text(json.dumps(r))
+
+    put("lora_seq", "a", 9000.0, 0.0, ["train.learning_rate=1e-3"])
+    put("lora_seq", "b", 9500.0, 0.5, ["train.learning_rate=1e-2"], with_set=False)  # older file: read from command
+    put("stamina", "a", 100.0, 0.0, [])
+    rows = [ln for ln in mod["tuning_table"](str(tmp_path)).splitlines()[2:]]
+    assert rows[0].startswith("| lora_seq | train.learning_rate=1e-3 |") and rows[0].endswith("| yes |")
+    assert rows[1].startswith("| lora_seq | train.learning_rate=1e-2 |") and not rows[1].endswith("| yes |")
+    assert rows[2].startswith("| stamina | defaults |") and rows[2].endswith("| yes |")

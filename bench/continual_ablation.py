@@ -1,0 +1,135 @@
+"""Continual-diffusion ablations: STAMINA's design options (DESIGN.md §2) against the baselines on the animals.
+
+Why the animals: the tiny base draws its animal classes (judge ≈ 0.5) but hardly any glyph (≈ 0.07), so on
+the 50-concept sequence every method sits at the accuracy floor (RESULTS.md) and cannot be ranked. The five
+held-out animals are the only concepts that a few-shot adapter learns here, so this is where design options
+can show an effect. One shared setting for every variant (300 steps, LoRA lr 1e-2, token lr 5e-2, the
+setting under which `bench/learnability.py` learned an animal), not a per-variant tuning.
+
+    python bench/continual_ablation.py                       # every variant, seeds 0,1 (about 1 h on 2 cores)
+    python bench/continual_ablation.py --variants stamina,lora_seq --seeds 2 --add-seeds
+    python bench/continual_ablation.py --table               # only rebuild the RESULTS.md table
+
+Raw results: ``bench/results/ablation/continual-<method>-<variant>.json`` (+ plots), one per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import update_markdown_section  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ABLATION_DIR = os.path.join(HERE, "results", "ablation")
+RESULTS_MD = os.path.join(os.path.dirname(HERE), "RESULTS.md")
+
+# Shared by every variant (same data, steps, learning rates and evaluation).
+COMMON = ["--kind", "animal", "--concepts", "5", "--steps", "300", "--eval", "full", "--samples", "32",
+          "--pairs", "3", "--set", "train.learning_rate=1e-2", "--set", "token.learning_rate=5e-2"]
+
+# variant -> (method, extra --set overrides, what it tests)
+VARIANTS: dict[str, tuple[str, list[str], str]] = {
+    "lora_seq": ("lora_seq", [], "baseline: plain LoRA, merge-and-init"),
+    "clora": ("clora", [], "baseline: C-LoRA, lambda 0.1"),
+    "textual_inversion": ("textual_inversion", [], "baseline: token only (no forgetting)"),
+    "stamina": ("stamina", [], "default: lambda_s 0.01, warm-up 30, mask lr 1e-2, MLP token"),
+    "no-sparsity": ("stamina", ["mask.sparsity_weight=0"], "no sparsity loss: masks stay open"),
+    "sparse": ("stamina", ["mask.sparsity_weight=0.1", "mask.learning_rate=0.1"],
+               "10x sparsity, 10x mask lr: masks close"),
+    "overlap": ("stamina", ["mask.sparsity_weight=0", "mask.overlap_weight=0.1", "mask.learning_rate=0.1"],
+                "overlap-aware sparsity only (charges entries earlier concepts changed)"),
+    "direct-token": ("stamina", ["token.kind=direct"], "free token row instead of the MLP token"),
+    "anneal": ("stamina", ["mask.schedule=anneal"], "HAT-style temperature annealing to s_max 4"),
+    "identity": ("stamina", ["mask.activation=identity"], "identity instead of GELU in the mask MLP"),
+}
+
+
+def argv_for(variant: str, seeds: str, add_seeds: bool, results_dir: str, extra: list[str] = ()) -> list[str]:
+    method, sets, _ = VARIANTS[variant]
+    argv = ["--method", method, "--tag", variant if variant != method else "ablation", "--seeds", seeds,
+            "--results-dir", results_dir, "--threads", "1", *COMMON]
+    for s in sets:
+        argv += ["--set", s]
+    if add_seeds:
+        argv.append("--add-seeds")
+    return argv + list(extra)
+
+
+def _ms(vals) -> str:
+    v = np.array([x for x in vals if x is not None and np.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return "–"
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if v.size > 1 else f"{v.mean():.3f}"
+
+
+def table(results_dir: str = ABLATION_DIR) -> str:
+    rows = []
+    for variant, (method, sets, what) in VARIANTS.items():
+        tag = variant if variant != method else "ablation"
+        path = os.path.join(results_dir, f"continual-{method}-{tag}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            r = json.load(f)
+        runs = r["runs"]
+        sa = [x["summary_accuracy"] for x in runs]
+        dens = [x["density_by_type"] for x in runs if x.get("density_by_type") and x["density_by_type"][0]]
+        if dens:
+            types = sorted(dens[0][0])
+            dcol = " / ".join(f"{np.mean([d[t] for run in dens for d in run]):.2f}" for t in types)
+            dcol += " (" + " / ".join(t.split(".")[-1] for t in types) + ")"
+        else:
+            dcol = "–"
+        dfro = [np.mean(x["delta_fro"]) for x in runs if x.get("delta_fro")]
+        pairs = [x["pairs"]["mean_both"] for x in runs if x.get("pairs")]
+        rows.append(
+            f"| {variant} | {method} | {what} | {', '.join(sets) or '–'} | {len(runs)} | {_ms([s['A'] for s in sa])} | "
+            f"{_ms([s['F'] for s in sa])} | {_ms([s['F_max'] for s in sa])} | {_ms([s['P'] for s in sa])} | "
+            f"{_ms(pairs)} | {dcol} | {_ms(dfro)} | {runs[0]['trainable_params_per_concept']} | "
+            f"{r['wall_s'] / 60:.1f} |")
+    head = ("| variant | method | what it tests | overrides | seeds | A (↑) | F (↓) | F_max (↓) | P = mean R[t,t] (↑) | "
+            "pairs: both found (↑) | mask density (per layer type) | ‖ΔW‖_F per concept | trainable params | wall min |\n|"
+            + "---|" * 14)
+    return head + "\n" + "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--add-seeds", action="store_true", help="add these seeds to existing result files")
+    p.add_argument("--results-dir", default=ABLATION_DIR)
+    p.add_argument("--smoke", action="store_true", help="tiny benchmark, tiny base and judge, 3 steps (tests)")
+    p.add_argument("--cache-dir", default=None, help="passed to bench/continual.py")
+    p.add_argument("--table", action="store_true", help="only rebuild the RESULTS.md table from the JSON files")
+    args = p.parse_args(argv)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    if not args.table:
+        from bench import continual
+
+        for v in names:
+            extra = (["--cache-dir", args.cache_dir] if args.cache_dir else []) + (
+                ["--smoke", "--steps", "3", "--samples", "4", "--sample-steps", "2"] if args.smoke else [])
+            rc = continual.main(argv_for(v, args.seeds, args.add_seeds, args.results_dir, extra))
+            if rc:
+                return rc
+    if os.path.abspath(args.results_dir) == os.path.abspath(ABLATION_DIR):
+        cmd = ("Command: `python bench/continual_ablation.py` (raw: `bench/results/ablation/`; shared settings: `"
+               + " ".join(COMMON) + "`; each row's JSON holds its exact command and seeds).\n\n")
+        update_markdown_section(RESULTS_MD, "continual_ablation", cmd + table(args.results_dir))
+    print(table(args.results_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
