@@ -184,16 +184,27 @@ class RssSampler(threading.Thread):
         self.phase = "start"
         self.errors = 0
         self._stop_evt = threading.Event()
+        self.job_started_unix = float("inf")
+        self.cpu: dict[int, dict] = {}  # pid -> service, role, CPU seconds when first and last seen (job phase)
+
+    # The process scan (every command line, for Ray's temp dir) costs far more than reading RSS; it runs every
+    # REDISCOVER_S, so a process is counted from at most that long after it starts (Ray workers grow for seconds).
+    REDISCOVER_S = 2.0
 
     def run(self) -> None:
-        from infra.local.stack import rss_bytes
+        from infra.local.stack import rss_bytes, service_processes
 
         t0 = time.perf_counter()
         self.cpu_s = 0.0
+        procs, found_at = None, -1e9
         while not self._stop_evt.is_set():
             c0 = time.thread_time()
             try:
-                per = rss_bytes(self.cfg)
+                if procs is None or time.perf_counter() - found_at >= self.REDISCOVER_S:
+                    procs, found_at = service_processes(self.cfg), time.perf_counter()
+                    if self.phase == "job":
+                        self._cpu_times(procs)
+                per = rss_bytes(self.cfg, procs)
                 self.samples.append({"t": round(time.perf_counter() - t0, 2), "phase": self.phase,
                                      "total": sum(per.values()), **per})
             except Exception:  # noqa: BLE001 - a process vanishing mid-read, a record being rewritten
@@ -201,9 +212,55 @@ class RssSampler(threading.Thread):
             self.cpu_s += time.thread_time() - c0  # the sampler's own CPU cost (it shares the cores it measures)
             self._stop_evt.wait(self.interval)
 
+    def _cpu_times(self, procs: dict) -> None:
+        import psutil
+
+        for svc, ps in procs.items():
+            for pid, proc in ps.items():
+                try:
+                    t = proc.cpu_times()
+                    used = t.user + t.system
+                    rec = self.cpu.get(pid)
+                    if rec is None:  # a process first seen mid-job started then: count all its CPU
+                        first = 0.0 if proc.create_time() > self.job_started_unix else used
+                        rec = self.cpu[pid] = {"service": svc, "role": process_role(proc), "first": first}
+                    rec["last"] = used
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+
+    def job_cpu(self) -> dict:
+        """CPU seconds each kind of process used while the job ran (processes are seen every REDISCOVER_S, so
+        the last ~2 s of a process that exits are missed)."""
+        by_role: dict[str, float] = {}
+        for rec in self.cpu.values():
+            key = f"{rec['service']}: {rec['role']}"
+            by_role[key] = by_role.get(key, 0.0) + max(rec.get("last", rec["first"]) - rec["first"], 0.0)
+        return dict(sorted(((k, round(v, 2)) for k, v in by_role.items()), key=lambda kv: -kv[1]))
+
+    def start_job(self) -> None:
+        self.job_started_unix = time.time()
+        self.phase = "job"
+
     def stop(self) -> None:
         self._stop_evt.set()
         self.join(timeout=30)
+
+
+def process_role(proc) -> str:
+    """A short name for a stack process (Ray Train worker, job driver, raylet, ...) from its command line."""
+    try:
+        cmd = " ".join(proc.cmdline())
+    except Exception:  # noqa: BLE001 - gone or not readable
+        return "?"
+    for key, role in (("RayTrainWorker", "Ray Train worker"), ("TrainController", "Ray Train controller"),
+                      ("pipelines.sequence", "job driver"), ("JobSupervisor", "job supervisor"),
+                      ("raylet", "raylet"), ("gcs_server", "GCS"), ("DashboardAgent", "dashboard agent"),
+                      ("dashboard", "dashboard"), ("log_monitor", "log monitor"), ("runtime_env", "runtime env agent"),
+                      ("AutoscalingCoordinator", "autoscaling coordinator"), ("ray::", "other Ray worker"),
+                      ("mlflow", "MLflow server"), ("weed", "SeaweedFS")):
+        if key in cmd:
+            return role
+    return cmd.split(" ")[0].rsplit("/", 1)[-1][:40] or "?"
 
     def summary(self, phases: tuple[str, ...]) -> dict:
         sel = [s for s in self.samples if s["phase"] in phases]
@@ -304,7 +361,7 @@ def run_pipeline(args, seq: dict, work: str, cache: str) -> dict:
                "--submission-id", sub_id, "--runtime-env-json", json.dumps(runtime_env), "--",
                sys.executable, "-m", "pipelines.sequence", "--config", cfg_path, "--summary-json", summary_path,
                "--work-dir", os.path.join(work, "driver")]  # inside our temp dir (removed at the end)
-        sampler.phase = "job"
+        sampler.start_job()
         wall0, t = time.time(), time.perf_counter()
         try:
             cp = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, cwd=REPO,
@@ -351,9 +408,10 @@ def run_pipeline(args, seq: dict, work: str, cache: str) -> dict:
         "interval_s": args.interval,
         "method": "sum of psutil RSS over each service's process tree (infra.local.stack.rss_bytes: recorded PIDs + "
                   "descendants, Ray processes found by their temp dir, which includes Ray Train workers and the job "
-                  "driver); shared pages (Ray's object store, libraries) are counted once per process",
+                  "driver; the process list is refreshed every 2 s, RSS read every sample); shared pages (Ray's object store, libraries) are counted once per process",
         "sampler_errors": sampler.errors,
         "sampler_cpu_s": getattr(sampler, "cpu_s", None),
+        "job_cpu_s": sampler.job_cpu(),
         "sampler_wall_s": sampler.samples[-1]["t"] if sampler.samples else None,
         "idle": sampler.summary(("idle",)),
         "job": sampler.summary(("job",)),
@@ -509,6 +567,16 @@ def markdown(res: dict) -> str:
         + f". Idle after start: {_f(idle.get('peak_total_gib'), '{:.2f}')} GiB.",
         "",
     ]
+    jc = p["memory"].get("job_cpu_s")
+    if jc:
+        wall = p["submit_wall_s"]
+        lines += [
+            f"CPU seconds the stack's processes used while the job ran ({wall:.0f} s wall on 2 cores = {2 * wall:.0f} "
+            "CPU-s available; processes read every 2 s): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in jc.items() if v >= 0.5)
+            + f"; this benchmark's sampler {_f(p['memory'].get('sampler_cpu_s'))} s over its whole run.",
+            "",
+        ]
     mem_cpu, mem_wall = p["memory"].get("sampler_cpu_s"), p["memory"].get("sampler_wall_s")
     reps = [(st.get("worker_timings") or {}).get("report_s") for st in p["summary"]["steps"]]
     rep_s = sum(reps) if reps and all(r is not None for r in reps) else None

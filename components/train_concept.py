@@ -638,6 +638,7 @@ class TrainSession:
         self._key: tuple | None = None
         self.name: str | None = None
         self.started_at: float | None = None
+        self._prewarm = None
 
     def __enter__(self) -> "TrainSession":
         return self
@@ -651,6 +652,35 @@ class TrainSession:
 
     def _start(self, inp: TrainConceptInput) -> None:
         self.open(inp.sequence_id, inp.storage_path, inp.resources, inp.keep_checkpoints, inp.run_name())
+
+    def prewarm(self) -> None:
+        """Connect to Ray now and start, in the background, the cluster actor a Ray Train run blocks on.
+
+        Ray 2.60's Train controller registers every run with Ray Data's detached ``AutoscalingCoordinator``
+        actor, waiting up to 5 s per attempt and retrying on every poll until it answers. On a fresh cluster
+        that actor's process boots only then, which cost the first concept 5-10 s of pure waiting. Creating it
+        here (``get_if_exists``: the controller finds the same actor) overlaps its boot with the driver's
+        ingest and S3/MLflow setup. Best effort: on another Ray version it does nothing."""
+        import threading
+
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()  # RAY_ADDRESS (set by `ray job submit`) or a local cluster
+
+        def boot() -> None:
+            try:
+                from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+                    get_or_create_autoscaling_coordinator,
+                )
+
+                get_or_create_autoscaling_coordinator()
+            except Exception:  # noqa: BLE001 - an optimisation only; Ray Train creates it itself
+                pass
+
+        if self._prewarm is None:
+            self._prewarm = threading.Thread(target=boot, name="stamina-ray-prewarm", daemon=True)
+            self._prewarm.start()
 
     def open(self, sequence_id: str, storage_path: str, resources: ResourcesSpec, keep_checkpoints: int = 2,
              name: str | None = None) -> None:
@@ -669,6 +699,12 @@ class TrainSession:
         self.close()
         if not ray.is_initialized():
             ray.init()  # RAY_ADDRESS (set by `ray job submit`) or a local cluster
+        if self._prewarm is not None:
+            self._prewarm.join(30)
+        # Ray Train's controller acts on the worker group's state once per health-check tick (default 2 s):
+        # starting and ending a run take several ticks. 0.5 s costs a few cheap polls; the env var (which Ray
+        # Train passes on to its controller) wins when set.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         path, fs = ray_storage(storage_path)
         r = resources
         self._broker = _broker_class().remote()

@@ -151,6 +151,8 @@ def _run_sequence(cfg: SequenceConfig, work_dir: str, submission_id: str | None,
     done = {r.index for r in committed if r.index > 0}
     pending = [(i, c) for i, c in enumerate(cfg.concepts, start=1) if i not in done]
     session = TrainSession()
+    if pending:
+        session.prewarm()  # Ray's own actors boot while the driver ingests and writes the sequence record
     ray_storage_uri = f"{cfg.storage.uri.rstrip('/')}/ray/{cfg.sequence_id}"
     try:
         summary = _run_pending(cfg, work, submission_id, progress, t_start, chash, cache, client, store, committed,

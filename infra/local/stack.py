@@ -504,10 +504,11 @@ def status(cfg: StackConfig) -> dict[str, dict]:
     return out
 
 
-def rss_bytes(cfg: StackConfig) -> dict[str, int]:
-    """Resident memory per service (roots + descendants, and Ray's processes by temp dir)."""
-    import psutil
+def service_processes(cfg: StackConfig) -> dict:
+    """Each service's live processes by PID: recorded roots + descendants, and Ray's processes by temp dir.
 
+    Scanning every process's command line is the expensive part; a sampler can call this now and then and
+    read RSS of the result often (``rss_bytes(cfg, procs)``)."""
     from infra.local.killtree import tree
 
     out = {}
@@ -516,9 +517,19 @@ def rss_bytes(cfg: StackConfig) -> dict[str, int]:
         roots = list(rec["pids"])
         if svc == "ray":
             roots += processes_with_arg(rec.get("temp_dir") or cfg.ray_temp_dir)
-        procs = tree(roots)
+        out[svc] = tree(roots)
+    return out
+
+
+def rss_bytes(cfg: StackConfig, procs: dict | None = None) -> dict[str, int]:
+    """Resident memory per service (roots + descendants, and Ray's processes by temp dir); ``procs``: the
+    result of an earlier ``service_processes(cfg)`` to skip the process scan (exited processes count 0)."""
+    import psutil
+
+    out = {}
+    for svc, ps in (procs if procs is not None else service_processes(cfg)).items():
         total = 0
-        for p in procs.values():
+        for p in ps.values():
             try:
                 total += p.memory_info().rss
             except psutil.NoSuchProcess:
