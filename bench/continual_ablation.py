@@ -100,6 +100,35 @@ def table(results_dir: str = ABLATION_DIR) -> str:
     return head + "\n" + "\n".join(rows)
 
 
+def concept_table(results_dir: str = ABLATION_DIR) -> str:
+    """Which concepts are learned and which collapse: per concept, mean R[t,t] → final R[T,i] over seeds."""
+    cols, cells, names = [], {}, []
+    for variant, (method, _, _) in VARIANTS.items():
+        tag = variant if variant != method else "ablation"
+        path = os.path.join(results_dir, f"continual-{method}-{tag}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            runs = json.load(f)["runs"]
+        cols.append(variant)
+        for run in runs:
+            R = np.array([[np.nan if x is None else x for x in row] for row in run["accuracy"]["R"]], dtype=float)
+            for i, name in enumerate(run["order"]):
+                if name not in names:
+                    names.append(name)
+                cells.setdefault((name, variant), []).append((R[i, i], R[-1, i]))
+    if not cols:
+        return ""
+    out = ["| concept | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name in sorted(names):
+        row = []
+        for v in cols:
+            got = cells.get((name, v), [])
+            row.append(f"{np.mean([g[0] for g in got]):.2f} → {np.mean([g[1] for g in got]):.2f}" if got else "–")
+        out.append(f"| {name} | " + " | ".join(row) + " |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
@@ -126,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.abspath(args.results_dir) == os.path.abspath(ABLATION_DIR):
         cmd = ("Command: `python bench/continual_ablation.py` (raw: `bench/results/ablation/`; shared settings: `"
                + " ".join(COMMON) + "`; each row's JSON holds its exact command and seeds).\n\n")
-        update_markdown_section(RESULTS_MD, "continual_ablation", cmd + table(args.results_dir))
+        per = ("\n\nPer concept, mean over seeds of R[t,t] (just learned) → R[T,i] (after the last concept):\n\n"
+               + concept_table(args.results_dir))
+        update_markdown_section(RESULTS_MD, "continual_ablation", cmd + table(args.results_dir) + per)
     print(table(args.results_dir))
     return 0
 

@@ -223,8 +223,9 @@ class RssSampler(threading.Thread):
                     rec = self.cpu.get(pid)
                     if rec is None:  # a process first seen mid-job started then: count all its CPU
                         first = 0.0 if proc.create_time() > self.job_started_unix else used
-                        rec = self.cpu[pid] = {"service": svc, "role": process_role(proc), "first": first}
+                        rec = self.cpu[pid] = {"service": svc, "first": first}
                     rec["last"] = used
+                    rec["role"] = process_role(proc)  # the latest: a pre-started idle Ray worker becomes an actor
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
 
@@ -245,6 +246,13 @@ class RssSampler(threading.Thread):
         self._stop_evt.set()
         self.join(timeout=30)
 
+    def summary(self, phases: tuple[str, ...]) -> dict:
+        sel = [s for s in self.samples if s["phase"] in phases]
+        if not sel:
+            return {"n": 0}
+        keys = [k for k in sel[0] if k not in ("t", "phase")]
+        return {"n": len(sel), **{f"peak_{k}_gib": max(s.get(k, 0) for s in sel) / GIB for k in keys}}
+
 
 def process_role(proc) -> str:
     """A short name for a stack process (Ray Train worker, job driver, raylet, ...) from its command line."""
@@ -256,18 +264,13 @@ def process_role(proc) -> str:
                       ("pipelines.sequence", "job driver"), ("JobSupervisor", "job supervisor"),
                       ("raylet", "raylet"), ("gcs_server", "GCS"), ("DashboardAgent", "dashboard agent"),
                       ("dashboard", "dashboard"), ("log_monitor", "log monitor"), ("runtime_env", "runtime env agent"),
-                      ("AutoscalingCoordinator", "autoscaling coordinator"), ("ray::", "other Ray worker"),
+                      ("AutoscalingCoordinator", "autoscaling coordinator"), ("ray::IDLE", "idle Ray worker"),
+                      ("ray::", "other Ray worker"),
                       ("mlflow", "MLflow server"), ("weed", "SeaweedFS")):
         if key in cmd:
             return role
     return cmd.split(" ")[0].rsplit("/", 1)[-1][:40] or "?"
 
-    def summary(self, phases: tuple[str, ...]) -> dict:
-        sel = [s for s in self.samples if s["phase"] in phases]
-        if not sel:
-            return {"n": 0}
-        keys = [k for k in sel[0] if k not in ("t", "phase")]
-        return {"n": len(sel), **{f"peak_{k}_gib": max(s.get(k, 0) for s in sel) / GIB for k in keys}}
 
 
 # -- (b) the pipeline ---------------------------------------------------------------------------

@@ -705,6 +705,9 @@ class TrainSession:
         # starting and ending a run take several ticks. 0.5 s costs a few cheap polls; the env var (which Ray
         # Train passes on to its controller) wins when set.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        # Ray Train's print patch sends every worker print to its logger *and*, when anything wrapped stdout,
+        # to stdout too: each progress line appeared twice in `ray job logs`. Plain prints reach the job log once.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         path, fs = ray_storage(storage_path)
         r = resources
         self._broker = _broker_class().remote()

@@ -86,6 +86,9 @@ def test_ablation_runs_variants_on_one_kind_and_tabulates_them(tmp_path):
     assert all(d == 0 for d in ti["delta_fro"])  # token only: the weights never move
     rows = [ln for ln in mod["table"](str(tmp_path)).splitlines() if ln.startswith("| ")][1:]
     assert [r.split(" | ")[0] for r in rows] == ["| textual_inversion", "| sparse"]
+    per = mod["concept_table"](str(tmp_path)).splitlines()
+    assert per[0] == "| concept | textual_inversion | sparse |" and len(per) == 2 + len(run["order"])
+    assert all(" → " in ln for ln in per[2:])
     with pytest.raises(SystemExit, match="unknown"):
         mod["main"](["--variants", "nope", "--table", "--results-dir", str(tmp_path)])
 
