@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-slow test-all bench bench-continual bench-continual-tune bench-classification bench-pipeline pretrain stack-up stack-down clean
+.PHONY: install run test test-slow test-all bench bench-continual bench-continual-tune bench-continual-ablation bench-classification bench-pipeline pretrain stack-up stack-down clean
 
 install: $(STAMP)
 
@@ -59,6 +59,11 @@ bench-continual-tune: install
 	$(TUNE) --method textual_inversion --tag tok5e-3 --set token.learning_rate=5e-3
 	$(TUNE) --method textual_inversion --tag tok5e-2 --set token.learning_rate=5e-2
 	$(PY) bench/continual.py --tuning-table bench/results/tuning
+
+# STAMINA's design options (DESIGN.md §2) against the baselines on the 5 animals (RESULTS.md, ablation table).
+bench-continual-ablation: install
+	$(PY) bench/continual_ablation.py --seeds 0,1
+	$(PY) bench/continual_ablation.py --seeds 2 --add-seeds
 
 bench-classification: install
 	$(PY) bench/classification.py --methods stamina,lora_seq,clora,seq_ft,head_only,joint --tasks 10 --seeds 0,1,2 --steps 100 --lr 3e-4 --head_learning_rate 1e-2 --ft_learning_rate 1e-4 --clora_weight 1e5 --mask_sparsity 0.1 --mask_learning_rate 0.1

@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             if rc:
                 return rc
     if os.path.abspath(args.results_dir) == os.path.abspath(ABLATION_DIR):
-        cmd = ("Command: `python bench/continual_ablation.py` (raw: `bench/results/ablation/`; shared settings: `"
+        cmd = ("Command: `make bench-continual-ablation` (`python bench/continual_ablation.py --seeds 0,1`, then "
+               "`--seeds 2 --add-seeds`; this run: two halves of the variant list side by side, one thread each; raw: "
+               "`bench/results/ablation/`; shared settings: `"
                + " ".join(COMMON) + "`; each row's JSON holds its exact command and seeds).\n\n")
         per = ("\n\nPer concept, mean over seeds of R[t,t] (just learned) → R[T,i] (after the last concept):\n\n"
                + concept_table(args.results_dir))
