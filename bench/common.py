@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -86,6 +87,17 @@ def summarize(xs: list[float]) -> dict[str, float]:
         "mean": statistics.fmean(xs),
         "iqr": q[2] - q[0],
     }
+
+
+def mean_std(vals) -> str:
+    """'mean ± sample std' of the finite values (None and NaN skipped), 'mean' for one value, '–' for none."""
+    v = [float(x) for x in vals if x is not None and math.isfinite(x)]
+    if not v:
+        return "–"
+    m = sum(v) / len(v)  # plain float arithmetic, as numpy's mean/std(ddof=1) gave before
+    if len(v) == 1:
+        return f"{m:.3f}"
+    return f"{m:.3f} ± {math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)):.3f}"
 
 
 def paired_ratio(num: list[float], den: list[float]) -> dict[str, float]:

@@ -30,7 +30,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench.common import RESULTS_DIR, machine_info, update_markdown_section, write_json  # noqa: E402
+from bench.common import RESULTS_DIR, machine_info, mean_std, update_markdown_section, write_json  # noqa: E402
 from stamina_core.config import MethodConfig, config_hash, parse  # noqa: E402
 from stamina_core.continual import ConceptItem, run_continual  # noqa: E402
 from stamina_core.data.benchmark import BenchmarkConfig, ContinualBenchmark, to_tensor_range  # noqa: E402
@@ -119,6 +119,7 @@ def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, o
         sample_grid(final_samples["samples"], [c.slug for c in classes], f"{out_prefix}-seed{seed}-samples.png",
                     title=f"{args.method}: every concept after the last step (seed {seed})")
     final, diag = acc.R[T - 1, :T], np.diag(acc.R)[:T]
+    fold_summaries = [o.fold.summary() for o in outcomes]
     kinds = [c.kind for c in classes]
     by_kind = {k: {"n": int(sum(x == k for x in kinds)),
                    "A": float(np.nanmean([final[i] for i in range(T) if kinds[i] == k])),
@@ -139,22 +140,15 @@ def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, o
         "trainable_params_per_concept": int(np.mean([o.fold.trainable_params for o in outcomes])),
         "stored_bytes_per_concept": int(np.mean([o.stored_bytes() for o in outcomes])),
         "added_inference_params": int(max(o.fold.added_inference_params for o in outcomes)),
-        "mask_density": [o.fold.summary()["mean_density"] for o in outcomes],
+        "mask_density": [fs["mean_density"] for fs in fold_summaries],
         "density_by_type": [o.fold.density_by_type() for o in outcomes],
-        "delta_fro": [o.fold.summary()["delta_fro_total"] for o in outcomes],
+        "delta_fro": [fs["delta_fro_total"] for fs in fold_summaries],
         "token_norm": [o.fold.token_norm for o in outcomes],
         "steps_per_concept": args.steps,
         "train_wall_s_per_concept": float(np.mean([o.train.wall_s for o in outcomes])),
         "wall_s": wall,
         "eval_wall_s": eval_wall[0],
     }
-
-
-def _mean_std(vals):
-    v = np.array([x for x in vals if x is not None and np.isfinite(x)], dtype=float)
-    if v.size == 0:
-        return "–"
-    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if v.size > 1 else f"{v.mean():.3f}"
 
 
 def _earlier_runs(path: str, settings: dict, seeds: list[int]) -> dict | None:
@@ -193,11 +187,11 @@ def results_table(results_dir: str = RESULTS_DIR) -> str:
         sa = [x["summary_accuracy"] for x in runs]
         sk = [x["summary_kid"] for x in runs]
         rows.append(
-            f"| {r['method']} | {r['concepts']} | {len(runs)} | {_mean_std([s['A'] for s in sa])} | "
-            f"{_mean_std([s['F'] for s in sa])} | {_mean_std([s['F_max'] for s in sa])} | "
-            f"{_mean_std([s['P'] for s in sa])} | {_mean_std([s['P_first'] for s in sa])} → "
-            f"{_mean_std([s['P_last'] for s in sa])} | {_kind(runs, 'animal')} | {_kind(runs, 'glyph')} | "
-            f"{_mean_std([s['A'] for s in sk])} | "
+            f"| {r['method']} | {r['concepts']} | {len(runs)} | {mean_std([s['A'] for s in sa])} | "
+            f"{mean_std([s['F'] for s in sa])} | {mean_std([s['F_max'] for s in sa])} | "
+            f"{mean_std([s['P'] for s in sa])} | {mean_std([s['P_first'] for s in sa])} → "
+            f"{mean_std([s['P_last'] for s in sa])} | {_kind(runs, 'animal')} | {_kind(runs, 'glyph')} | "
+            f"{mean_std([s['A'] for s in sk])} | "
             f"{runs[0]['trainable_params_per_concept']} | {runs[0]['stored_bytes_per_concept']} | "
             f"{runs[0]['added_inference_params']} | {r['steps']} | {r['wall_s'] / 60:.1f} | `{r['command']}` |"
         )
@@ -310,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tuning and not args.smoke and os.path.abspath(args.results_dir) == os.path.abspath(RESULTS_DIR):
         update_markdown_section(RESULTS_MD, "continual", results_table())
     s = [r["summary_accuracy"] for r in runs]
-    print(f"{args.method}: A={_mean_std([x['A'] for x in s])} F={_mean_std([x['F'] for x in s])} "
-          f"F_max={_mean_std([x['F_max'] for x in s])} P={_mean_std([x['P'] for x in s])} "
+    print(f"{args.method}: A={mean_std([x['A'] for x in s])} F={mean_std([x['F'] for x in s])} "
+          f"F_max={mean_std([x['F_max'] for x in s])} P={mean_std([x['P'] for x in s])} "
           f"({out['wall_s'] / 60:.1f} min) -> {prefix}.json")
     return 0
 

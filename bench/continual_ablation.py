@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import update_markdown_section  # noqa: E402
+from bench.common import mean_std, update_markdown_section  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ABLATION_DIR = os.path.join(HERE, "results", "ablation")
@@ -53,7 +53,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
 
 def argv_for(variant: str, seeds: str, add_seeds: bool, results_dir: str, extra: list[str] = ()) -> list[str]:
     method, sets, _ = VARIANTS[variant]
-    argv = ["--method", method, "--tag", variant if variant != method else "ablation", "--seeds", seeds,
+    argv = ["--method", method, "--tag", _tag(variant), "--seeds", seeds,
             "--results-dir", results_dir, "--threads", "1", *COMMON]
     for s in sets:
         argv += ["--set", s]
@@ -62,22 +62,23 @@ def argv_for(variant: str, seeds: str, add_seeds: bool, results_dir: str, extra:
     return argv + list(extra)
 
 
-def _ms(vals) -> str:
-    v = np.array([x for x in vals if x is not None and np.isfinite(x)], dtype=float)
-    if v.size == 0:
-        return "–"
-    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if v.size > 1 else f"{v.mean():.3f}"
+def _tag(variant: str) -> str:
+    """The result-file tag of a variant (baselines under their own method name are tagged 'ablation')."""
+    return variant if variant != VARIANTS[variant][0] else "ablation"
+
+
+def _results(results_dir: str):
+    """(variant, method, overrides, what it tests, result JSON) for each variant with a result file, in order."""
+    for variant, (method, sets, what) in VARIANTS.items():
+        path = os.path.join(results_dir, f"continual-{method}-{_tag(variant)}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                yield variant, method, sets, what, json.load(f)
 
 
 def table(results_dir: str = ABLATION_DIR) -> str:
     rows = []
-    for variant, (method, sets, what) in VARIANTS.items():
-        tag = variant if variant != method else "ablation"
-        path = os.path.join(results_dir, f"continual-{method}-{tag}.json")
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            r = json.load(f)
+    for variant, method, sets, what, r in _results(results_dir):
         runs = r["runs"]
         sa = [x["summary_accuracy"] for x in runs]
         dens = [x["density_by_type"] for x in runs if x.get("density_by_type") and x["density_by_type"][0]]
@@ -90,9 +91,9 @@ def table(results_dir: str = ABLATION_DIR) -> str:
         dfro = [np.mean(x["delta_fro"]) for x in runs if x.get("delta_fro")]
         pairs = [x["pairs"]["mean_both"] for x in runs if x.get("pairs")]
         rows.append(
-            f"| {variant} | {method} | {what} | {', '.join(sets) or '–'} | {len(runs)} | {_ms([s['A'] for s in sa])} | "
-            f"{_ms([s['F'] for s in sa])} | {_ms([s['F_max'] for s in sa])} | {_ms([s['P'] for s in sa])} | "
-            f"{_ms(pairs)} | {dcol} | {_ms(dfro)} | {runs[0]['trainable_params_per_concept']} | "
+            f"| {variant} | {method} | {what} | {', '.join(sets) or '–'} | {len(runs)} | {mean_std([s['A'] for s in sa])} | "
+            f"{mean_std([s['F'] for s in sa])} | {mean_std([s['F_max'] for s in sa])} | {mean_std([s['P'] for s in sa])} | "
+            f"{mean_std(pairs)} | {dcol} | {mean_std(dfro)} | {runs[0]['trainable_params_per_concept']} | "
             f"{r['wall_s'] / 60:.1f} |")
     head = ("| variant | method | what it tests | overrides | seeds | A (↑) | F (↓) | F_max (↓) | P = mean R[t,t] (↑) | "
             "pairs: both found (↑) | mask density (per layer type) | ‖ΔW‖_F per concept | trainable params | wall min |\n|"
@@ -103,13 +104,8 @@ def table(results_dir: str = ABLATION_DIR) -> str:
 def concept_table(results_dir: str = ABLATION_DIR) -> str:
     """Which concepts are learned and which collapse: per concept, mean R[t,t] → final R[T,i] over seeds."""
     cols, cells, names = [], {}, []
-    for variant, (method, _, _) in VARIANTS.items():
-        tag = variant if variant != method else "ablation"
-        path = os.path.join(results_dir, f"continual-{method}-{tag}.json")
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            runs = json.load(f)["runs"]
+    for variant, _, _, _, r in _results(results_dir):
+        runs = r["runs"]
         cols.append(variant)
         for run in runs:
             R = np.array([[np.nan if x is None else x for x in row] for row in run["accuracy"]["R"]], dtype=float)

@@ -272,7 +272,6 @@ def process_role(proc) -> str:
     return cmd.split(" ")[0].rsplit("/", 1)[-1][:40] or "?"
 
 
-
 # -- (b) the pipeline ---------------------------------------------------------------------------
 
 def _http_json(url: str, timeout: float = 10.0):
