@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="only print the tuning grid found in DIR (and update RESULTS.md for bench/results/tuning)")
     args = p.parse_args(argv)
     if args.tuning_table:
+        if not os.path.isdir(args.tuning_table):
+            raise SystemExit(f"--tuning-table: {args.tuning_table} is not a folder of tuning results")
         body = tuning_table(args.tuning_table)
         if os.path.abspath(args.tuning_table) == os.path.abspath(os.path.join(RESULTS_DIR, "tuning")):
             update_markdown_section(RESULTS_MD, "continual_tuning", body)

@@ -110,3 +110,9 @@ def test_tuning_table_marks_the_lowest_final_kid_per_method(tmp_path):
     assert rows[0].startswith("| lora_seq | train.learning_rate=1e-3 |") and rows[0].endswith("| yes |")
     assert rows[1].startswith("| lora_seq | train.learning_rate=1e-2 |") and not rows[1].endswith("| yes |")
     assert rows[2].startswith("| stamina | defaults |") and rows[2].endswith("| yes |")
+
+
+def test_tuning_table_of_a_missing_folder_is_one_clear_error(tmp_path):
+    mod = _bench_main()
+    with pytest.raises(SystemExit, match="--tuning-table: .* is not a folder"):
+        mod["main"](["--tuning-table", str(tmp_path / "missing")])
