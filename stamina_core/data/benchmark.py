@@ -23,6 +23,7 @@ import os
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -60,12 +61,22 @@ class BenchmarkConfig(StrictModel):
         10.0, ge=0, description="Min mean pixel value (0-255) of a glyph concept's renders: drops thin, faint glyphs."
     )
     split_seed: int = Field(0, description="Seed of the data split and glyph selection (fixed across runs).")
+    glyph_style: Literal["plain", "clean"] = Field(
+        "plain",
+        description="How glyph images are rendered: 'plain' = one bold font, one size, sub-pixel shift <= 1.5 px (a shape the "
+        "16 px base can draw); 'clean' = random font, size, rotation and shift per image (the data of the first "
+        "50-concept runs, which the base could not draw; RESULTS.md).",
+    )
 
     def hash(self) -> str:
-        """Config hash including DATA_VERSION (keys the judge and pretraining caches)."""
+        """Config hash including DATA_VERSION (keys the judge and pretraining caches). ``glyph_style`` is left out
+        at 'clean' so caches keyed before the field existed stay valid for the same images."""
         import hashlib
 
-        payload = json.dumps({"config": self.model_dump(mode="json"), "data_version": DATA_VERSION}, sort_keys=True)
+        d = self.model_dump(mode="json")
+        if d.get("glyph_style") == "clean":
+            d.pop("glyph_style")
+        payload = json.dumps({"config": d, "data_version": DATA_VERSION}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -181,7 +192,8 @@ class ContinualBenchmark:
             s = glyphs.glyph_signature(ch)
             if sigs and float(np.max(np.stack(sigs) @ s)) >= self.cfg.distinct_similarity:
                 continue
-            if float(_render(ch, 8, self.cfg.size, 0).mean()) < self.cfg.min_ink:
+            # ink is judged on the varied renders whatever glyph_style is, so both styles pick the same concepts
+            if float(_render(ch, 8, self.cfg.size, 0, "clean").mean()) < self.cfg.min_ink:
                 continue
             out.append(ch)
             sigs.append(s)
@@ -211,7 +223,7 @@ class ContinualBenchmark:
         return _animal_split(self.cfg.size, self.cfg.split_seed, label, self.cfg.train_images, self.cfg.heldout_images)
 
     def _glyph(self, ch: str, role: str, n: int) -> np.ndarray:
-        return _render(ch, n, self.cfg.size, self.cfg.split_seed * 100 + _ROLE[role])
+        return _render(ch, n, self.cfg.size, self.cfg.split_seed * 100 + _ROLE[role], self.cfg.glyph_style)
 
     def train_images(self, c: BenchClass) -> np.ndarray:
         """The few-shot training images of a concept (uint8, N x size x size)."""
@@ -309,8 +321,8 @@ def _animal_split(size: int, seed: int, label: int, n_train: int, n_heldout: int
 
 
 @functools.lru_cache(maxsize=2048)
-def _render(ch: str, n: int, size: int, seed: int) -> np.ndarray:
-    x, _ = glyphs.render_glyphs([ch], n, size, seed)
+def _render(ch: str, n: int, size: int, seed: int, style: str = "clean") -> np.ndarray:
+    x, _ = glyphs.render_glyphs([ch], n, size, seed, style=style)
     x.setflags(write=False)
     return x
 

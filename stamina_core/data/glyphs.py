@@ -13,7 +13,9 @@ Pillow (the fonts and the rasteriser); tests pin their sizes.
 
 ``render_glyphs`` draws white glyphs on black, with a random font (among those covering the character),
 size, rotation and shift per sample; ``style="rendition"`` adds bold / outline / blur variants and 30 %
-inverted images (the ImageNet-R analogue of Glyph-R, see TINY.md §4).
+inverted images (the ImageNet-R analogue of Glyph-R, see TINY.md §4); ``style="plain"`` draws every
+sample of a class in one bold font at one size, with a sub-pixel shift of at most 1.5 px (at 32 px) and no rotation
+(the continual-diffusion benchmark's default since DATA_VERSION 3, see docs/DECISIONS.md).
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ _FONT_PREFIXES = ("DejaVuSans.", "DejaVuSans-", "DejaVuSerif.", "DejaVuSerif-", 
 BASE_MIN_FONTS = 6
 HELDOUT_MIN_FONTS = 6
 DUPLICATE_SIMILARITY = 0.92  # cosine similarity of normalised renders above which a class is a near-duplicate
-STYLES = ("clean", "rendition")
+STYLES = ("clean", "rendition", "plain")
+# ``style="plain"``: one font per character (the first of these that covers it, else the first covering font),
+# a fixed size and a small shift only, so that a class is one shape a 16 px model can learn to draw.
+PLAIN_FONTS = ("DejaVuSans-Bold.ttf", "DejaVuSans.ttf", "DejaVuSerif-Bold.ttf", "STIXGeneral-Bold.ttf")
+PLAIN_SIZE = 24  # font px at 32 px scale
+PLAIN_SHIFT = 1.5  # max shift in px at 32 px scale (continuous, bilinear: no two renders are byte-equal)
 
 # Unicode ranges of the two pools (inclusive).
 _BASE_RANGES = [(0x30, 0x39), (0x41, 0x5A), (0x61, 0x7A), (0x391, 0x3A9), (0x3B1, 0x3C9)]
@@ -98,6 +105,15 @@ def covered_chars(candidates, min_fonts: int) -> list[str]:
 @functools.lru_cache(maxsize=64)
 def _font(path_index: int, px: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(font_paths()[path_index], px)
+
+
+def _plain_font(ch: str) -> int:
+    covering = _fonts_covering(ch)
+    names = [os.path.basename(p) for p in font_paths()]
+    for want in PLAIN_FONTS:
+        if want in names and names.index(want) in covering:
+            return names.index(want)
+    return covering[0]
 
 
 def _draw_centered(ch: str, font_index: int, px: int, canvas: int) -> Image.Image:
@@ -197,8 +213,9 @@ def render_glyphs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render ``n_per_class`` images of each char: uint8 (N, size, size) white-on-black, int64 labels (index in chars).
 
-    Per sample: a random font among those covering the char, font size 16-26 (at 32 px; scaled with
-    ``size``), rotation +-15 degrees and shift +-3 px (at 32 px). Images are ordered class by class.
+    Per sample (``clean`` / ``rendition``): a random font among those covering the char, font size 16-26
+    (at 32 px; scaled with ``size``), rotation +-15 degrees and shift +-3 px (at 32 px). ``plain``: one font
+    per char (``PLAIN_FONTS``), size ``PLAIN_SIZE``, continuous shift +-``PLAIN_SHIFT`` px (bilinear), no rotation. Images are ordered class by class.
     Each class draws from its own ``SeedSequence([seed, codepoint])``, so a class's images do not depend
     on the other classes in the list.
     """
@@ -217,6 +234,14 @@ def render_glyphs(
         if not fonts:
             raise ConfigError(f"chars: {ch!r} is not covered by any bundled font; use covered_chars() to filter")
         rng = np.random.default_rng(np.random.SeedSequence([seed, ord(ch)]))
+        if style == "plain":
+            fi = _plain_font(ch)
+            base = _draw_centered(ch, fi, int(round(PLAIN_SIZE * scale)), work)
+            for k in range(n_per_class):
+                dx, dy = (float(v) for v in rng.uniform(-PLAIN_SHIFT, PLAIN_SHIFT, size=2) * scale)
+                img = base.transform(base.size, Image.AFFINE, (1, 0, -dx, 0, 1, -dy), resample=Image.BILINEAR)
+                imgs[ci * n_per_class + k] = np.asarray(img.resize((size, size), Image.BOX), np.uint8)
+            continue
         for k in range(n_per_class):
             fi = fonts[int(rng.integers(0, len(fonts)))]
             px = int(round(rng.uniform(16, 26) * scale))

@@ -57,6 +57,42 @@ def test_render_glyphs_shapes_determinism_and_class_independence():
     assert xr.shape == (8, 32, 32)
 
 
+def test_plain_style_is_one_shape_per_class_with_a_small_shift():
+    x, _ = glyphs.render_glyphs(["A", "\u0416"], 6, 16, seed=3, style="plain")
+    assert x.shape == (12, 16, 16) and x.max() > 200
+    xc, _ = glyphs.render_glyphs(["A", "\u0416"], 6, 16, seed=3, style="clean")
+
+    def spread(imgs):  # mean distance to the class mean image, on 4x4 block means (robust to sub-pixel shifts)
+        f = imgs.reshape(2, 6, 4, 4, 4, 4).astype(np.float64).mean((3, 5)).reshape(2, 6, -1)
+        return float(np.linalg.norm(f - f.mean(1, keepdims=True), axis=-1).mean())
+
+    assert spread(x) < 0.6 * spread(xc)  # one font, one size, no rotation: far less varied
+    # every image is the class's one render shifted by at most 1.5 px (32-px scale), so the ink mass is kept
+    ink = x.reshape(2, 6, -1).sum(-1).astype(np.float64)
+    assert (ink.std(1) / ink.mean(1)).max() < 0.1
+    x2, _ = glyphs.render_glyphs(["\u0416"], 6, 16, seed=3, style="plain")
+    assert np.array_equal(x2, x[6:])  # class independence holds for plain too
+    assert os.path.basename(glyphs.font_paths()[glyphs._plain_font("A")]) == "DejaVuSans-Bold.ttf"
+
+
+def test_benchmark_glyph_style_changes_images_not_concepts_and_clean_keeps_old_hash():
+    from stamina_core.pretrain import PretrainConfig
+
+    plain, clean = ContinualBenchmark(tiny_benchmark_config()), ContinualBenchmark(
+        tiny_benchmark_config().model_copy(update={"glyph_style": "clean"}))
+    assert [c.source for c in plain.classes] == [c.source for c in clean.classes]  # same concepts picked
+    g = plain.concepts[-1]
+    assert g.kind == "glyph" and not np.array_equal(plain.train_images(g), clean.train_images(g))
+    a = plain.concepts[0]
+    assert a.kind == "animal" and np.array_equal(plain.train_images(a), clean.train_images(a))
+    assert plain.cfg.hash() != clean.cfg.hash()
+    # 'clean' is left out of the hashes, so caches keyed before the field existed stay valid (pinned values)
+    assert BenchmarkConfig(glyph_style="clean").hash() == "98b0a82facdf"
+    assert PretrainConfig(benchmark=BenchmarkConfig(glyph_style="clean")).hash() == "5a9ef7591d6b"
+    with pytest.raises(ValueError, match="glyph_style"):
+        BenchmarkConfig(glyph_style="fancy")
+
+
 def test_render_glyphs_errors():
     with pytest.raises(ConfigError, match="style"):
         glyphs.render_glyphs(["A"], 1, 16, 0, style="fancy")
