@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-slow test-all bench bench-continual bench-continual-tune bench-continual-ablation bench-classification bench-pipeline pretrain stack-up stack-down clean
+.PHONY: install run test test-slow test-all bench bench-base-quality bench-continual bench-continual-tune bench-continual-ablation bench-classification bench-pipeline pretrain stack-up stack-down clean
 
 install: $(STAMP)
 
@@ -41,23 +41,27 @@ bench: install
 	$(PY) bench/overhead.py
 
 # The reported comparison (RESULTS.md): 50 concepts, 100 steps each, judge on the diagonal and the final row,
-# per-method learning rates chosen by bench-continual-tune (lowest final KID on the tuning concepts).
+# per-method learning rates chosen by bench-continual-tune, CFG 1.5 chosen on the base's own classes
+# (bench/base_quality.py, run by bench-base-quality).
 # About 20 min per method and seed on one core; run two methods side by side on 2 cores with --threads 1.
 CONTINUAL = $(PY) bench/continual.py --concepts 50 --steps 100 --eval diagonal_and_final
 bench-continual: install
-	$(CONTINUAL) --method stamina --seeds 0,1,2 --set train.learning_rate=1e-3 --set token.learning_rate=5e-3
-	$(CONTINUAL) --method lora_seq --seeds 0,1,2 --set train.learning_rate=1e-3 --set token.learning_rate=5e-3
+	$(CONTINUAL) --method stamina --seeds 0,1,2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2
+	$(CONTINUAL) --method lora_seq --seeds 0,1,2 --set train.learning_rate=3e-2 --set token.learning_rate=1.5e-1
 	$(CONTINUAL) --method clora --seeds 0,1,2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2
-	$(CONTINUAL) --method textual_inversion --seeds 0,1,2 --set token.learning_rate=5e-3
+	$(CONTINUAL) --method textual_inversion --seeds 0,1,2 --set token.learning_rate=5e-2
 
-# The tuning grid (5 separate tuning concepts, seed 100; never the reported sequence): 2 settings per method.
+# The tuning grid (5 separate tuning concepts, seed 100; never the reported sequence): 3 settings per method.
+# Rule (bench/continual.py tuning_table): highest final A, ties broken by the lowest final KID.
 TUNE = $(PY) bench/continual.py --tuning --concepts 5 --seeds 100 --steps 100 --eval full --pairs 0 --results-dir bench/results/tuning
 bench-continual-tune: install
 	for m in stamina lora_seq clora; do \
 	  $(TUNE) --method $$m --tag lr1e-3-tok5e-3 --set train.learning_rate=1e-3 --set token.learning_rate=5e-3 || exit 1; \
-	  $(TUNE) --method $$m --tag lr1e-2-tok5e-2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 || exit 1; done
+	  $(TUNE) --method $$m --tag lr1e-2-tok5e-2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 || exit 1; \
+	  $(TUNE) --method $$m --tag lr3e-2-tok1.5e-1 --set train.learning_rate=3e-2 --set token.learning_rate=1.5e-1 || exit 1; done
 	$(TUNE) --method textual_inversion --tag tok5e-3 --set token.learning_rate=5e-3
 	$(TUNE) --method textual_inversion --tag tok5e-2 --set token.learning_rate=5e-2
+	$(TUNE) --method textual_inversion --tag tok1.5e-1 --set token.learning_rate=1.5e-1
 	$(PY) bench/continual.py --tuning-table bench/results/tuning
 
 # STAMINA's design options (DESIGN.md §2) against the baselines on the 5 animals (RESULTS.md, ablation table).

@@ -204,7 +204,10 @@ def results_table(results_dir: str = RESULTS_DIR) -> str:
 
 def tuning_table(tuning_dir: str) -> str:
     """The tuning grid (``--tuning`` runs, one file per setting) with the rule's choice per method:
-    the lowest final KID (A over the KID matrix), since on the tuning glyphs accuracy sits at the floor."""
+    the highest final A (judge accuracy), ties broken by the lowest final KID (A over the KID matrix).
+
+    Before session 5 the rule was the lowest final KID alone, because every setting then sat at the
+    accuracy floor on glyphs (CFG 3 and varied glyph renders, see RESULTS.md)."""
     rows: dict[str, list] = {}
     for fn in sorted(os.listdir(tuning_dir)):
         if not (fn.startswith("continual-") and fn.endswith("-tuning.json")):
@@ -215,14 +218,14 @@ def tuning_table(tuning_dir: str) -> str:
         sets = r.get("set")
         if sets is None:  # files written before "set" was a recorded setting: read it back from the command
             sets = sorted(re.findall(r"--set (\S+)", r["command"]))
-        rows.setdefault(r["method"], []).append((sk["A"], r["tag"], sa, ", ".join(sets) or "defaults"))
-    out = ["| method | setting (`--set`) | A (acc) | P (acc) | F_max | final KID×1e3 (↓) | chosen |",
+        rows.setdefault(r["method"], []).append((-sa["A"], sk["A"], r["tag"], sa, ", ".join(sets) or "defaults"))
+    out = ["| method | setting (`--set`) | A (acc, ↑) | P (acc) | F_max | final KID×1e3 (↓) | chosen |",
            "|---|---|---:|---:|---:|---:|---|"]
     for method in sorted(rows):
-        best = min(x[0] for x in rows[method])
-        for kid_a, tag, sa, sets in sorted(rows[method], key=lambda x: x[0]):
+        ranked = sorted(rows[method], key=lambda x: (x[0], x[1]))
+        for i, (_, kid_a, tag, sa, sets) in enumerate(ranked):
             out.append(f"| {method} | {sets} | {sa['A']:.3f} | {sa['P']:.3f} | {sa['F_max']:.3f} | {kid_a:.0f} | "
-                       f"{'yes' if kid_a == best else ''} |")
+                       f"{'yes' if i == 0 else ''} |")
     return "\n".join(out)
 
 
@@ -234,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=100, help="training steps per concept (same for every method)")
     p.add_argument("--samples", type=int, default=16, help="samples per concept per evaluation")
     p.add_argument("--sample-steps", type=int, default=15, help="DDIM steps of evaluation samples")
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=1.5,
+                   help="CFG scale of evaluation samples; 1.5 = the scale chosen on the base's own classes by "
+                        "bench/base_quality.py (3.0 before session 5: it turned the tiny base's samples to noise)")
     p.add_argument("--eval", choices=["full", "diagonal_and_final"], default="full")
     p.add_argument("--full-every", type=int, default=0,
                    help="with --eval diagonal_and_final: also score every earlier concept after each K-th concept "

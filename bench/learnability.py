@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="", help="comma-separated VARIANT:CONCEPT pairs (default: the built-in GRID; 'none': no training)")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--sample-steps", type=int, default=15)
-    p.add_argument("--guidance", default="3,7", help="comma-separated CFG scales; the first is the benchmark's")
+    p.add_argument("--guidance", default="1.5,3", help="comma-separated CFG scales; the first is the benchmark's")
     p.add_argument("--extra-sample-steps", default="", help="comma-separated extra DDIM step counts (eval only, first CFG)")
     p.add_argument("--base-check", type=int, default=0, help="also score the untouched base on its first N glyph classes")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every variant's steps (smoke tests)")

@@ -71,7 +71,7 @@ def built_in_sequence(n_concepts: int, steps: int | None, storage_uri: str, inpu
         "method": method,
         "concepts": concepts,
         "storage": {"uri": storage_uri, "materialize": "head"},
-        "eval": {"mode": "full", "samples_per_concept": 8, "num_inference_steps": 20},
+        "eval": {"mode": "full", "samples_per_concept": 8, "num_inference_steps": 20, "guidance_scale": 1.5},
         "resources": {"num_workers": 1, "cpus_per_worker": 1},
     }
 

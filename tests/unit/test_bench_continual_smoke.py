@@ -93,7 +93,7 @@ def test_ablation_runs_variants_on_one_kind_and_tabulates_them(tmp_path):
         mod["main"](["--variants", "nope", "--table", "--results-dir", str(tmp_path)])
 
 
-def test_tuning_table_marks_the_lowest_final_kid_per_method(tmp_path):
+def test_tuning_table_marks_the_highest_final_accuracy_then_lowest_kid_per_method(tmp_path):
     mod = _bench_main()
 
     def put(method, tag, kid_a, acc_a, sets, with_set=True):
@@ -105,11 +105,13 @@ def test_tuning_table_marks_the_lowest_final_kid_per_method(tmp_path):
 
     put("lora_seq", "a", 9000.0, 0.0, ["train.learning_rate=1e-3"])
     put("lora_seq", "b", 9500.0, 0.5, ["train.learning_rate=1e-2"], with_set=False)  # older file: read from command
-    put("stamina", "a", 100.0, 0.0, [])
+    put("stamina", "a", 100.0, 0.2, ["train.learning_rate=1e-3"])
+    put("stamina", "b", 50.0, 0.2, ["train.learning_rate=1e-2"])  # same accuracy: the lower KID wins
     rows = [ln for ln in mod["tuning_table"](str(tmp_path)).splitlines()[2:]]
-    assert rows[0].startswith("| lora_seq | train.learning_rate=1e-3 |") and rows[0].endswith("| yes |")
-    assert rows[1].startswith("| lora_seq | train.learning_rate=1e-2 |") and not rows[1].endswith("| yes |")
-    assert rows[2].startswith("| stamina | defaults |") and rows[2].endswith("| yes |")
+    assert rows[0].startswith("| lora_seq | train.learning_rate=1e-2 |") and rows[0].endswith("| yes |")
+    assert rows[1].startswith("| lora_seq | train.learning_rate=1e-3 |") and not rows[1].endswith("| yes |")
+    assert rows[2].startswith("| stamina | train.learning_rate=1e-2 |") and rows[2].endswith("| yes |")
+    assert not rows[3].endswith("| yes |")
 
 
 def test_tuning_table_of_a_missing_folder_is_one_clear_error(tmp_path):
