@@ -100,6 +100,17 @@ def mean_std(vals) -> str:
     return f"{m:.3f} ± {math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)):.3f}"
 
 
+def density_column(runs: list[dict]) -> str:
+    """Mean mask density per adapted layer type over every concept and seed of continual runs, e.g.
+    '0.11 / 0.24 (to_k / to_v)'; '–' for methods without masks."""
+    dens = [x["density_by_type"] for x in runs if x.get("density_by_type") and x["density_by_type"][0]]
+    if not dens:
+        return "–"
+    types = sorted(dens[0][0])
+    col = " / ".join(f"{statistics.fmean([d[t] for run in dens for d in run]):.2f}" for t in types)
+    return col + " (" + " / ".join(t.split(".")[-1] for t in types) + ")"
+
+
 def paired_ratio(num: list[float], den: list[float]) -> dict[str, float]:
     """Ratios num[i] / den[i] of the same round (median, min, max); also the ratios of medians and of minima.
 

@@ -30,7 +30,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench.common import RESULTS_DIR, machine_info, mean_std, update_markdown_section, write_json  # noqa: E402
+from bench.common import RESULTS_DIR, density_column, machine_info, mean_std, update_markdown_section, write_json  # noqa: E402
 from stamina_core.config import MethodConfig, config_hash, parse  # noqa: E402
 from stamina_core.continual import ConceptItem, run_continual  # noqa: E402
 from stamina_core.data.benchmark import BenchmarkConfig, ContinualBenchmark, to_tensor_range  # noqa: E402
@@ -191,14 +191,14 @@ def results_table(results_dir: str = RESULTS_DIR) -> str:
             f"{mean_std([s['F'] for s in sa])} | {mean_std([s['F_max'] for s in sa])} | "
             f"{mean_std([s['P'] for s in sa])} | {mean_std([s['P_first'] for s in sa])} → "
             f"{mean_std([s['P_last'] for s in sa])} | {_kind(runs, 'animal')} | {_kind(runs, 'glyph')} | "
-            f"{mean_std([s['A'] for s in sk])} | "
-            f"{runs[0]['trainable_params_per_concept']} | {runs[0]['stored_bytes_per_concept']} | "
+            f"{mean_std([s['A'] for s in sk])} | {mean_std([x['pairs']['mean_both'] for x in runs if x.get('pairs')])} | "
+            f"{density_column(runs)} | {runs[0]['trainable_params_per_concept']} | {runs[0]['stored_bytes_per_concept']} | "
             f"{runs[0]['added_inference_params']} | {r['steps']} | {r['wall_s'] / 60:.1f} | `{r['command']}` |"
         )
     head = ("| method | concepts | seeds | A (acc ↑) | F (↓) | F_max (↓) | P = mean R[t,t] (↑) | P first→last block | "
             "animals: A / P | glyphs: A / P | "
-            "final KID×1e3 (↓) | trainable params / concept | stored bytes / concept | added inference params | "
-            "steps / concept | wall min | command |\n|" + "---|" * 17)
+            "final KID×1e3 (↓) | pairs: both found (↑) | mask density | trainable params / concept | "
+            "stored bytes / concept | added inference params | steps / concept | wall min | command |\n|" + "---|" * 19)
     return head + "\n" + "\n".join(rows)
 
 
@@ -259,7 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny benchmark, tiny base and judge: seconds (tests)")
     p.add_argument("--tuning-table", metavar="DIR", default=None,
                    help="only print the tuning grid found in DIR (and update RESULTS.md for bench/results/tuning)")
+    p.add_argument("--results-table", metavar="DIR", default=None,
+                   help="only print the results table of the continual-*.json files in DIR (e.g. the archived "
+                        "bench/results/varied-glyphs); RESULTS.md is not touched")
     args = p.parse_args(argv)
+    if args.results_table:
+        if not os.path.isdir(args.results_table):
+            raise SystemExit(f"--results-table: {args.results_table} is not a folder of results")
+        print(results_table(args.results_table))
+        return 0
     if args.tuning_table:
         if not os.path.isdir(args.tuning_table):
             raise SystemExit(f"--tuning-table: {args.tuning_table} is not a folder of tuning results")

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import mean_std, update_markdown_section  # noqa: E402
+from bench.common import density_column, mean_std, update_markdown_section  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ABLATION_DIR = os.path.join(HERE, "results", "ablation")
@@ -81,13 +81,7 @@ def table(results_dir: str = ABLATION_DIR) -> str:
     for variant, method, sets, what, r in _results(results_dir):
         runs = r["runs"]
         sa = [x["summary_accuracy"] for x in runs]
-        dens = [x["density_by_type"] for x in runs if x.get("density_by_type") and x["density_by_type"][0]]
-        if dens:
-            types = sorted(dens[0][0])
-            dcol = " / ".join(f"{np.mean([d[t] for run in dens for d in run]):.2f}" for t in types)
-            dcol += " (" + " / ".join(t.split(".")[-1] for t in types) + ")"
-        else:
-            dcol = "–"
+        dcol = density_column(runs)
         dfro = [np.mean(x["delta_fro"]) for x in runs if x.get("delta_fro")]
         pairs = [x["pairs"]["mean_both"] for x in runs if x.get("pairs")]
         rows.append(

@@ -46,6 +46,14 @@ def test_three_concept_smoke(method, tmp_path):
         assert os.path.getsize(tmp_path / f"continual-{method}-seed0-{suffix}.png") > 1000
     if method == "textual_inversion":
         assert run["stored_bytes_per_concept"] < 1000  # a token row only
+    # --results-table DIR prints the table of a results folder (archived runs) without running anything
+    from io import StringIO
+    from contextlib import redirect_stdout
+
+    buf = StringIO()
+    with redirect_stdout(buf):
+        assert mod["main"](["--results-table", str(tmp_path)]) == 0
+    assert f"| {method} | 3 | 1 |" in buf.getvalue()
 
 
 def test_seeds_run_apart_are_added_to_one_result_and_mismatches_refused(tmp_path):
