@@ -25,7 +25,7 @@ import time
 from pydantic import Field
 
 from .config import StrictModel, config_hash
-from .data.benchmark import BenchmarkConfig, ContinualBenchmark, to_tensor_range, tiny_benchmark_config
+from .data.benchmark import LEGACY_HASH_VALUES, BenchmarkConfig, ContinualBenchmark, to_tensor_range, tiny_benchmark_config
 from .errors import CheckpointError
 from .models.config import TinyModelConfig
 from .hashing import sha256_file
@@ -69,7 +69,7 @@ class PretrainConfig(StrictModel):
         for key, default in _LATER_MODEL_FIELDS.items():
             if d["model"].get(key) == default:
                 d["model"].pop(key)
-        for key, default in _LATER_BENCHMARK_FIELDS.items():
+        for key, default in LEGACY_HASH_VALUES.items():
             if d["benchmark"].get(key) == default:
                 d["benchmark"].pop(key)
         payload = json.dumps(d, sort_keys=True, separators=(",", ":"))
@@ -78,8 +78,6 @@ class PretrainConfig(StrictModel):
 
 _LATER_FIELDS = {"word_tokens": False}
 _LATER_MODEL_FIELDS = {"words": [], "full_res_attention": False}
-# Left out at the value that reproduces the images from before the field existed (not at the default).
-_LATER_BENCHMARK_FIELDS = {"glyph_style": "clean"}
 
 
 def tiny_pretrain_config() -> PretrainConfig:

@@ -15,7 +15,7 @@ Pillow (the fonts and the rasteriser); tests pin their sizes.
 size, rotation and shift per sample; ``style="rendition"`` adds bold / outline / blur variants and 30 %
 inverted images (the ImageNet-R analogue of Glyph-R, see TINY.md §4); ``style="plain"`` draws every
 sample of a class in one bold font at one size, with a sub-pixel shift of at most 1.5 px (at 32 px) and no rotation
-(the continual-diffusion benchmark's default since DATA_VERSION 3, see docs/DECISIONS.md).
+(the continual-diffusion benchmark's default since session 5, ``BenchmarkConfig.glyph_style``; docs/DECISIONS.md).
 """
 
 from __future__ import annotations
