@@ -53,6 +53,10 @@ METHOD_DEFAULTS: dict[str, dict] = {
 }
 
 
+# Tuning folders whose table has a section in RESULTS.md (any other folder is only printed).
+TUNING_SECTIONS = {"tuning": "continual_tuning", "tuning-mask": "continual_tuning_mask"}
+
+
 def method_config(name: str, steps: int, overrides: dict | None = None, seed: int = 0) -> MethodConfig:
     data = json.loads(json.dumps(METHOD_DEFAULTS.get(name, {})))
     data["name"] = name
@@ -174,6 +178,16 @@ def _kind(runs: list[dict], kind: str) -> str:
     return f"{np.mean([g['A'] for g in got]):.3f} / {np.mean([g['P'] for g in got]):.3f} (n={got[0]['n']})"
 
 
+def _row_name(r: dict) -> str:
+    """A table row's name: the method, plus the tag and its overrides beyond the method's chosen learning
+    rates for a variant (e.g. ``stamina-sparse`` with ``mask.sparsity_weight=0.1``), so an ablation row is
+    never mistaken for the method's headline row."""
+    if not r.get("tag"):
+        return r["method"]
+    extra = [s for s in r.get("set", []) if not s.startswith(("train.learning_rate=", "token.learning_rate="))]
+    return f"{r['method']}-{r['tag']}" + (f" ({', '.join(extra)})" if extra else "")
+
+
 def results_table(results_dir: str = RESULTS_DIR) -> str:
     rows = []
     for fn in sorted(os.listdir(results_dir)):
@@ -187,7 +201,7 @@ def results_table(results_dir: str = RESULTS_DIR) -> str:
         sa = [x["summary_accuracy"] for x in runs]
         sk = [x["summary_kid"] for x in runs]
         rows.append(
-            f"| {r['method']} | {r['concepts']} | {len(runs)} | {mean_std([s['A'] for s in sa])} | "
+            f"| {_row_name(r)} | {r['concepts']} | {len(runs)} | {mean_std([s['A'] for s in sa])} | "
             f"{mean_std([s['F'] for s in sa])} | {mean_std([s['F_max'] for s in sa])} | "
             f"{mean_std([s['P'] for s in sa])} | {mean_std([s['P_first'] for s in sa])} → "
             f"{mean_std([s['P_last'] for s in sa])} | {_kind(runs, 'animal')} | {_kind(runs, 'glyph')} | "
@@ -218,14 +232,15 @@ def tuning_table(tuning_dir: str) -> str:
         sets = r.get("set")
         if sets is None:  # files written before "set" was a recorded setting: read it back from the command
             sets = sorted(re.findall(r"--set (\S+)", r["command"]))
-        rows.setdefault(r["method"], []).append((-sa["A"], sk["A"], r["tag"], sa, ", ".join(sets) or "defaults"))
-    out = ["| method | setting (`--set`) | A (acc, ↑) | P (acc) | F_max | final KID×1e3 (↓) | chosen |",
-           "|---|---|---:|---:|---:|---:|---|"]
+        rows.setdefault(r["method"], []).append((-sa["A"], sk["A"], r["tag"], sa, ", ".join(sets) or "defaults",
+                                                 density_column(r["runs"])))
+    out = ["| method | setting (`--set`) | A (acc, ↑) | P (acc) | F_max | final KID×1e3 (↓) | mask density | chosen |",
+           "|---|---|---:|---:|---:|---:|---|---|"]
     for method in sorted(rows):
         ranked = sorted(rows[method], key=lambda x: (x[0], x[1]))
-        for i, (_, kid_a, tag, sa, sets) in enumerate(ranked):
+        for i, (_, kid_a, tag, sa, sets, dens) in enumerate(ranked):
             out.append(f"| {method} | {sets} | {sa['A']:.3f} | {sa['P']:.3f} | {sa['F_max']:.3f} | {kid_a:.0f} | "
-                       f"{'yes' if i == 0 else ''} |")
+                       f"{dens} | {'yes' if i == 0 else ''} |")
     return "\n".join(out)
 
 
@@ -258,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", default=RESULTS_DIR, help="where JSON and plots go (RESULTS.md only for the default)")
     p.add_argument("--smoke", action="store_true", help="tiny benchmark, tiny base and judge: seconds (tests)")
     p.add_argument("--tuning-table", metavar="DIR", default=None,
-                   help="only print the tuning grid found in DIR (and update RESULTS.md for bench/results/tuning)")
+                   help="only print the tuning grid found in DIR (and update RESULTS.md for bench/results/tuning and "
+                        "bench/results/tuning-mask)")
     p.add_argument("--results-table", metavar="DIR", default=None,
                    help="only print the results table of the continual-*.json files in DIR (e.g. the archived "
                         "bench/results/varied-glyphs); RESULTS.md is not touched")
@@ -272,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isdir(args.tuning_table):
             raise SystemExit(f"--tuning-table: {args.tuning_table} is not a folder of tuning results")
         body = tuning_table(args.tuning_table)
-        if os.path.abspath(args.tuning_table) == os.path.abspath(os.path.join(RESULTS_DIR, "tuning")):
-            update_markdown_section(RESULTS_MD, "continual_tuning", body)
+        section = TUNING_SECTIONS.get(os.path.relpath(os.path.abspath(args.tuning_table), RESULTS_DIR))
+        if section:
+            update_markdown_section(RESULTS_MD, section, body)
         print(body)
         return 0
     if args.cache_dir is None:

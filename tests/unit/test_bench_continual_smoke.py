@@ -126,3 +126,13 @@ def test_tuning_table_of_a_missing_folder_is_one_clear_error(tmp_path):
     mod = _bench_main()
     with pytest.raises(SystemExit, match="--tuning-table: .* is not a folder"):
         mod["main"](["--tuning-table", str(tmp_path / "missing")])
+
+
+def test_tagged_variant_rows_name_their_tag_and_overrides():
+    """A variant's row in the 50-concept table (e.g. stamina --tag sparse) must not read as the headline row."""
+    mod = _bench_main()
+    assert mod["_row_name"]({"method": "stamina", "tag": "", "set": ["train.learning_rate=1e-2"]}) == "stamina"
+    name = mod["_row_name"]({"method": "stamina", "tag": "sparse",
+                             "set": ["mask.learning_rate=0.1", "mask.sparsity_weight=0.1", "token.learning_rate=5e-2",
+                                     "train.learning_rate=1e-2"]})
+    assert name == "stamina-sparse (mask.learning_rate=0.1, mask.sparsity_weight=0.1)"

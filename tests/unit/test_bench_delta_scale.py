@@ -1,0 +1,48 @@
+"""bench/delta_scale.py: per-concept update norms relative to the base weights they are folded into."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bench import delta_scale  # noqa: E402
+
+
+def _result(path, method, tag, deltas, targets=("attn2.to_k", "attn2.to_v")):
+    runs = [{"delta_fro": d, "config": {"adapter": {"targets": list(targets)}}, "density_by_type": [],
+             "summary_accuracy": {"A": 0.1, "P": 0.2, "F_max": 0.1}} for d in deltas]
+    path.write_text(json.dumps({"method": method, "tag": tag, "runs": runs}))
+
+
+def test_ratio_is_update_norm_over_base_norm_and_token_only_methods_are_skipped(tmp_path):
+    _result(tmp_path / "continual-lora_seq.json", "lora_seq", "", [[4.0, 8.0], [2.0, 6.0]])
+    _result(tmp_path / "continual-stamina-sparse.json", "stamina", "sparse", [[1.0, 1.0]])
+    _result(tmp_path / "continual-textual_inversion.json", "textual_inversion", "", [[0.0, 0.0]])
+    seen = []
+    rs = delta_scale.rows(str(tmp_path), lambda t: seen.append(t) or 2.0)
+    assert [r["name"] for r in rs] == ["lora_seq", "stamina-sparse"]
+    assert seen[0] == ("attn2.to_k", "attn2.to_v")
+    np.testing.assert_allclose(rs[0]["ratio"], [[2.0, 4.0], [1.0, 3.0]])
+    tab = delta_scale.table(rs).splitlines()
+    assert tab[2].startswith("| lora_seq | 2 | 2.00 | 2.50 (1.00–4.00) | 1.50 | 2.50 |")  # last 10 = both here
+    delta_scale.plot(rs, str(tmp_path / "d.png"))
+    assert (tmp_path / "d.png").stat().st_size > 1000
+
+
+def test_base_norm_covers_exactly_the_targeted_layers(micro_bundle):
+    unet = micro_bundle.unet
+    k = [m.weight for n, m in unet.named_modules() if n.endswith("attn2.to_k")]
+    v = [m.weight for n, m in unet.named_modules() if n.endswith("attn2.to_v")]
+    want = float(sum(float((w ** 2).sum()) for w in k + v) ** 0.5)
+    assert delta_scale.base_target_norm(unet, ["attn2.to_k", "attn2.to_v"]) == pytest.approx(want, rel=1e-6)
+    assert delta_scale.base_target_norm(unet, ["attn2.to_k"]) < want
+
+
+def test_missing_results_folder_is_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="is not a folder of results"):
+        delta_scale.main(["--results-dir", str(tmp_path / "nope"), "--no-markdown"])
