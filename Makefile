@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-slow test-all bench bench-base-quality bench-continual bench-continual-tune bench-continual-tune-mask bench-continual-ablation bench-classification bench-pipeline pretrain stack-up stack-down clean
+.PHONY: install run test test-slow test-all bench bench-base-quality bench-continual bench-continual-variants bench-continual-tune bench-continual-tune-mask bench-continual-ablation bench-classification bench-pipeline pretrain stack-up stack-down clean
 
 install: $(STAMP)
 
@@ -50,6 +50,15 @@ bench-continual: install
 	$(CONTINUAL) --method lora_seq --seeds 0,1,2 --set train.learning_rate=3e-2 --set token.learning_rate=1.5e-1
 	$(CONTINUAL) --method clora --seeds 0,1,2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2
 	$(CONTINUAL) --method textual_inversion --seeds 0,1,2 --set token.learning_rate=5e-2
+	$(PY) bench/delta_scale.py
+
+# Diagnostic variants of the 50-concept table (session 6; tagged rows, not tuned on these concepts): STAMINA with
+# masks that close (the animal ablation's `sparse`) and both adapter methods at a 3x smaller LoRA lr.
+bench-continual-variants: install
+	$(CONTINUAL) --method stamina --tag sparse --seeds 0,1,2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 --set mask.sparsity_weight=0.1 --set mask.learning_rate=0.1
+	$(CONTINUAL) --method stamina --tag lr3e-3 --seeds 0,1,2 --set train.learning_rate=3e-3 --set token.learning_rate=1.5e-2
+	$(CONTINUAL) --method lora_seq --tag lr3e-3 --seeds 0,1,2 --set train.learning_rate=3e-3 --set token.learning_rate=1.5e-2
+	$(PY) bench/delta_scale.py
 
 # The tuning grid (5 separate tuning concepts, seed 100; never the reported sequence): 4 settings per adapter method
 # (3e-3 added in session 6, after bench/delta_scale.py showed that 1e-2 and 3e-2 rewrite the base K/V per concept).

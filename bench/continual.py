@@ -189,14 +189,16 @@ def _row_name(r: dict) -> str:
 
 
 def results_table(results_dir: str = RESULTS_DIR) -> str:
-    rows = []
+    results = []
     for fn in sorted(os.listdir(results_dir)):
         if not (fn.startswith("continual-") and fn.endswith(".json")):
             continue
         with open(os.path.join(results_dir, fn)) as f:
             r = json.load(f)
-        if r.get("tuning"):
-            continue
+        if not r.get("tuning"):
+            results.append(r)
+    rows = []
+    for r in sorted(results, key=lambda r: (bool(r.get("tag")), r["method"], r.get("tag", ""))):  # headline rows first
         runs = r["runs"]
         sa = [x["summary_accuracy"] for x in runs]
         sk = [x["summary_kid"] for x in runs]
@@ -277,12 +279,15 @@ def main(argv: list[str] | None = None) -> int:
                         "bench/results/tuning-mask)")
     p.add_argument("--results-table", metavar="DIR", default=None,
                    help="only print the results table of the continual-*.json files in DIR (e.g. the archived "
-                        "bench/results/varied-glyphs); RESULTS.md is not touched")
+                        "bench/results/varied-glyphs); for bench/results itself the RESULTS.md table is rewritten too")
     args = p.parse_args(argv)
     if args.results_table:
         if not os.path.isdir(args.results_table):
             raise SystemExit(f"--results-table: {args.results_table} is not a folder of results")
-        print(results_table(args.results_table))
+        body = results_table(args.results_table)
+        if os.path.abspath(args.results_table) == os.path.abspath(RESULTS_DIR):
+            update_markdown_section(RESULTS_MD, "continual", body)
+        print(body)
         return 0
     if args.tuning_table:
         if not os.path.isdir(args.tuning_table):

@@ -61,8 +61,9 @@ def rows(results_dir: str, norm_of) -> list[dict]:
             "A": [x["summary_accuracy"]["A"] for x in runs],
             "P": [x["summary_accuracy"]["P"] for x in runs],
             "density": density_column(runs),
+            "_key": (bool(r.get("tag")), r["method"], r.get("tag", "")),
         })
-    return out
+    return sorted(out, key=lambda x: x.pop("_key"))  # headline rows first, then tagged variants
 
 
 def table(rs: list[dict]) -> str:
