@@ -111,6 +111,19 @@ def density_column(runs: list[dict]) -> str:
     return col + " (" + " / ".join(t.split(".")[-1] for t in types) + ")"
 
 
+def continual_results(results_dir: str) -> list[dict]:
+    """The reported (non-tuning) ``continual-*.json`` results in a folder: headline rows (no ``--tag``) first,
+    then tagged variants, each group by method and tag."""
+    out = []
+    for fn in sorted(os.listdir(results_dir)):
+        if fn.startswith("continual-") and fn.endswith(".json"):
+            with open(os.path.join(results_dir, fn)) as f:
+                r = json.load(f)
+            if not r.get("tuning"):
+                out.append(r)
+    return sorted(out, key=lambda r: (bool(r.get("tag")), r["method"], r.get("tag", "")))
+
+
 def paired_ratio(num: list[float], den: list[float]) -> dict[str, float]:
     """Ratios num[i] / den[i] of the same round (median, min, max); also the ratios of medians and of minima.
 

@@ -30,7 +30,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench.common import RESULTS_DIR, density_column, machine_info, mean_std, update_markdown_section, write_json  # noqa: E402
+from bench.common import RESULTS_DIR, continual_results, density_column, machine_info, mean_std, update_markdown_section, write_json  # noqa: E402
 from stamina_core.config import MethodConfig, config_hash, parse  # noqa: E402
 from stamina_core.continual import ConceptItem, run_continual  # noqa: E402
 from stamina_core.data.benchmark import BenchmarkConfig, ContinualBenchmark, to_tensor_range  # noqa: E402
@@ -189,16 +189,8 @@ def _row_name(r: dict) -> str:
 
 
 def results_table(results_dir: str = RESULTS_DIR) -> str:
-    results = []
-    for fn in sorted(os.listdir(results_dir)):
-        if not (fn.startswith("continual-") and fn.endswith(".json")):
-            continue
-        with open(os.path.join(results_dir, fn)) as f:
-            r = json.load(f)
-        if not r.get("tuning"):
-            results.append(r)
     rows = []
-    for r in sorted(results, key=lambda r: (bool(r.get("tag")), r["method"], r.get("tag", ""))):  # headline rows first
+    for r in continual_results(results_dir):
         runs = r["runs"]
         sa = [x["summary_accuracy"] for x in runs]
         sk = [x["summary_kid"] for x in runs]

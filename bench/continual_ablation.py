@@ -3,8 +3,9 @@
 Why the animals: they are the concepts a few-shot adapter learns best from the tiny base (on the session-4
 setup, varied glyph renders and CFG 3, they were the only ones; since session 5 glyphs are learned too, but
 animals still reach the highest just-learned scores), so this is where design options show an effect most
-clearly. Results of the session-4 setup are archived in ``bench/results/varied-glyphs/ablation/``. One shared setting for every variant (300 steps, LoRA lr 1e-2, token lr 5e-2, the
-setting under which `bench/learnability.py` learned an animal), not a per-variant tuning.
+clearly. Results of the session-4 setup are archived in ``bench/results/varied-glyphs/ablation/``. One shared
+setting for every variant (300 steps, LoRA lr 1e-2, token lr 5e-2, the setting under which
+`bench/learnability.py` learned an animal), not a per-variant tuning.
 
     python bench/continual_ablation.py                       # every variant, seeds 0,1 (about 1 h on 2 cores)
     python bench/continual_ablation.py --variants stamina,lora_seq --seeds 2 --add-seeds

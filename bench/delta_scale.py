@@ -15,7 +15,6 @@ seeds, one line per result file).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -24,7 +23,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench.common import RESULTS_DIR, density_column, mean_std, update_markdown_section  # noqa: E402
+from bench.common import RESULTS_DIR, continual_results, density_column, mean_std, update_markdown_section  # noqa: E402
 
 RESULTS_MD = os.path.join(os.path.dirname(HERE), "RESULTS.md")
 
@@ -44,11 +43,7 @@ def base_target_norm(unet, targets: list[str]) -> float:
 def rows(results_dir: str, norm_of) -> list[dict]:
     """One row per result file with per-concept delta norms; ``norm_of(targets)`` gives ||W0||_F."""
     out = []
-    for fn in sorted(os.listdir(results_dir)):
-        if not (fn.startswith("continual-") and fn.endswith(".json")):
-            continue
-        with open(os.path.join(results_dir, fn)) as f:
-            r = json.load(f)
+    for r in continual_results(results_dir):  # headline rows first, then tagged variants
         runs = [x for x in r["runs"] if x.get("delta_fro")]
         if not runs or not any(any(v > 0 for v in x["delta_fro"]) for x in runs):
             continue  # textual inversion: no weight change
@@ -61,9 +56,8 @@ def rows(results_dir: str, norm_of) -> list[dict]:
             "A": [x["summary_accuracy"]["A"] for x in runs],
             "P": [x["summary_accuracy"]["P"] for x in runs],
             "density": density_column(runs),
-            "_key": (bool(r.get("tag")), r["method"], r.get("tag", "")),
         })
-    return sorted(out, key=lambda x: x.pop("_key"))  # headline rows first, then tagged variants
+    return out
 
 
 def table(rs: list[dict]) -> str:
