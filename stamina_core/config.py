@@ -71,6 +71,19 @@ class MaskConfig(StrictModel):
     )
     learning_rate: float = Field(1e-2, gt=0, description="Learning rate of P, Q, b (masks need more than the factors).")
 
+    def start_temperature(self) -> float:
+        """s at step 0: ``temperature`` ('constant') or 1/s_max ('anneal')."""
+        return self.temperature if self.schedule == "constant" else 1.0 / self.s_max
+
+    def open_temperature(self) -> float:
+        """s at which the initial mask is ``init_open`` open: the schedule's sharpest s.
+
+        Calibrating b at the *starting* s of an anneal (1/s_max) put b s_max² times further from 0 than
+        the final s needs: sigmoid(s_max * b) saturated to 1.0 in fp32 and no mask entry could ever
+        close (the session-6 ablation's ``anneal`` row equalled ``no-sparsity`` to the last digit).
+        """
+        return self.temperature if self.schedule == "constant" else self.s_max
+
 
 class TokenConfig(StrictModel):
     """The new concept token <c_t> and how its embedding row is produced."""

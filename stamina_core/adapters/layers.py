@@ -198,7 +198,10 @@ class MaskedLoRALinear(LoRALinear):
         temperature: float = 1.0,
         name: str = "",
         generator: torch.Generator | None = None,
+        open_temperature: float | None = None,
     ):
+        """``temperature`` is the starting s; b is set so sigmoid(s_o * b) = init_open at
+        ``open_temperature`` s_o (default: ``temperature``; an annealed schedule passes its final s)."""
         super().__init__(base, rank, alpha, name=name, generator=generator)
         out_f, in_f = base.weight.shape
         if mask_rank > min(in_f, out_f):
@@ -206,7 +209,8 @@ class MaskedLoRALinear(LoRALinear):
                 f"mask.rank: {mask_rank} exceeds min(in, out) = {min(in_f, out_f)} of layer {name or '<layer>'}"
             )
         self.mask_gen = MaskGenerator(
-            out_f, in_f, mask_rank, activation, init_open, init_scale, temperature, base.weight.device, generator
+            out_f, in_f, mask_rank, activation, init_open, init_scale,
+            temperature if open_temperature is None else open_temperature, base.weight.device, generator,
         )
         self.temperature = float(temperature)  # current s; the training loop updates it by schedule
         self.force_open = False  # ablation/test switch: M = 1 everywhere

@@ -198,11 +198,12 @@ def attach_vit_adapters(
     """Attach one adapter per ViT Linear matched by ``adapter.targets`` (names relative to ``model.vit``)."""
     g = torch.Generator().manual_seed(seed)
     mc = mask or MaskConfig()
-    s0 = mc.temperature if mc.schedule == "constant" else 1.0 / mc.s_max
+    s0 = mc.start_temperature()
     if kind == "masked_lora":
         def factory(name, lin):
             return MaskedLoRALinear(
-                lin, adapter.rank, adapter.alpha, mc.rank, mc.activation, mc.init_open, mc.init_scale, s0, name=name, generator=g
+                lin, adapter.rank, adapter.alpha, mc.rank, mc.activation, mc.init_open, mc.init_scale, s0, name=name, generator=g,
+                open_temperature=mc.open_temperature(),
             )
     elif kind == "lora":
         def factory(name, lin):

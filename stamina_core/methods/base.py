@@ -166,12 +166,13 @@ def begin_concept(
     g = torch.Generator().manual_seed(cfg.train.seed)
     params_before = count_params(unet, text_encoder)
     state = ConceptState(spec, cfg, unet, text_encoder, tokenizer, token, params_before=params_before)
-    s0 = mc.temperature if mc.schedule == "constant" else 1.0 / mc.s_max
+    s0 = mc.start_temperature()
 
     if spec.adapter == "masked_lora":
         def factory(name, lin):
             return MaskedLoRALinear(
-                lin, ac.rank, ac.alpha, mc.rank, mc.activation, mc.init_open, mc.init_scale, s0, name=name, generator=g
+                lin, ac.rank, ac.alpha, mc.rank, mc.activation, mc.init_open, mc.init_scale, s0, name=name, generator=g,
+                open_temperature=mc.open_temperature(),
             )
     elif spec.adapter == "lora":
         def factory(name, lin):

@@ -173,8 +173,33 @@ def test_temperature_anneal_schedule(micro_bundle):
     assert st.temperature_at(10, 11) == pytest.approx(8.0)
     st.set_progress(5, 11)
     assert all(ad.temperature == pytest.approx(1 / 8 + (8 - 1 / 8) * 0.5) for ad in st.masked_layers())
-    # the initial mask is open at the *initial* temperature
+    # the initial hard mask is fully open, and b is calibrated at the final (sharpest) s:
+    # sigmoid(s_max * b) = init_open, so the masks stay closable at the end of the schedule
     assert all(ad.density() == 1.0 for ad in st.masked_layers())
+    for ad in st.masked_layers():
+        assert float(torch.sigmoid(8.0 * ad.mask_gen.b).mean()) == pytest.approx(cfg.mask.init_open, rel=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "anneal"])
+def test_sparsity_loss_closes_masks_under_either_schedule(micro_bundle, schedule):
+    """A sparsity-only objective must be able to flip entries whatever the schedule (regression: b calibrated
+    at the anneal's starting s = 1/s_max sat s_max^2 times too far out and no entry could ever close)."""
+    b = micro_bundle
+    cfg = _cfg("stamina")
+    cfg.mask.schedule, cfg.mask.s_max, cfg.mask.temperature = schedule, 4.0, 4.0
+    cfg.mask.sparsity_weight, cfg.mask.warmup_steps = 1.0, 0
+    st = begin_concept(get("stamina"), cfg, b.unet, b.text_encoder, b.tokenizer, "<c0>")
+    layers = st.masked_layers()
+    opt = torch.optim.Adam([p for ad in layers for p in ad.mask_parameters().values()], lr=0.05)
+    steps = 40
+    for step in range(steps):
+        st.set_progress(step, steps)
+        opt.zero_grad()
+        pen, _ = st.penalty(step)
+        pen.backward()
+        opt.step()
+    dens = [ad.density() for ad in layers]
+    assert max(dens) < 0.5, dens
 
 
 def test_mlp_token_is_rescaled_and_only_new_row_changes(micro_bundle):
