@@ -32,6 +32,7 @@ from components.schemas import BaseModelSpec
 from stamina_core.config import config_hash
 from stamina_core.errors import CheckpointError, ConfigError
 from stamina_core.hashing import sha256_file
+from stamina_core.paths import CACHE_ENV, default_cache_root
 
 if TYPE_CHECKING:  # torch / diffusers load only where a model is built: resolving a cached base stays light
     import torch
@@ -41,12 +42,12 @@ if TYPE_CHECKING:  # torch / diffusers load only where a model is built: resolvi
 log = logging.getLogger(__name__)
 
 MARKER = ".stamina-complete.json"
-DEFAULT_CACHE_ENV = "STAMINA_CACHE"
+DEFAULT_CACHE_ENV = CACHE_ENV
 
 
 def default_cache_dir() -> str:
-    """``$STAMINA_CACHE`` or ``~/.cache/stamina``."""
-    return os.environ.get(DEFAULT_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "stamina")
+    """``$STAMINA_CACHE`` or ``~/.cache/stamina`` (``stamina_core.paths``)."""
+    return default_cache_root()
 
 
 # -- hashing ----------------------------------------------------------------------------------------

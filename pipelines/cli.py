@@ -60,12 +60,11 @@ def cmd_submit(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from stamina_core.pretrain import PretrainConfig, pretrain_tiny
+    from stamina_core.paths import default_pretrained_dir
+    from stamina_core.pretrain import cli_config, pretrain_tiny
 
-    cfg = PretrainConfig() if not args.test_config else PretrainConfig.tiny_test()
-    if args.steps:
-        cfg = cfg.model_copy(update={"steps": args.steps})
-    path = pretrain_tiny(cfg, cache_dir=args.cache_dir, progress=True)
+    cfg = cli_config(args.test_config, args.steps, args.seed, args.threads)
+    path = pretrain_tiny(cfg, cache_dir=args.cache_dir or default_pretrained_dir(), progress=True)
     print(path)
     return 0
 
@@ -129,8 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("pretrain-tiny", help="pretrain (or reuse) the tiny base model")
-    s.add_argument("--cache-dir", default=None)
-    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--cache-dir", default=None, help="default: $STAMINA_CACHE/pretrained or ~/.cache/stamina/pretrained")
+    s.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2400; another count is another base)")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch threads while training (default 1: the published base; another count is another base)")
     s.add_argument("--test-config", action="store_true", help="the seconds-long test configuration")
     s.set_defaults(func=cmd_pretrain)
 

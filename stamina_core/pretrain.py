@@ -3,12 +3,15 @@
 16 px pixel space, 1 channel: ``UNet2DConditionModel`` + ``CLIPTextModel`` (byte-level CLIP tokenizer)
 trained jointly with the epsilon objective of the model's ``DDPMScheduler``; 10 % empty captions so
 classifier-free guidance works; AdamW, linear warmup then cosine decay, gradient clipping, batch 32.
-The default budget (2400 steps) takes about 10-15 minutes on 2 CPU cores (TINY.md §3: 2150 steps gave
-0.65 judge accuracy on samples of the 5 animal classes).
+The default budget is 2400 steps (TINY.md §3: 2150 steps gave 0.65 judge accuracy on samples of the 5 animal
+classes); measured end to end: 20.8 min on 1 thread (cores shared with a benchmark), 17.6 min on 2 threads (idle machine;
+BENCHMARKS.md).
 
-Threads: on a shared, loaded 2-core machine two torch threads stall each other (measured 2026-11-26 at
-load ~5: 10 s/step with 2 threads, 0.78 s/step with 1). Use ``--threads 1`` (``torch.set_num_threads(1)``)
-unless the machine is idle.
+Threads are part of the config (``PretrainConfig.threads``, default 1): the thread count changes the
+reduction order and so the weights, and the published base ``tiny-f4f0e6d5b69f`` was trained on 1 thread.
+``--threads 2`` is faster on an idle machine and yields another base (another cache key); on a shared,
+loaded 2-core machine two torch threads stall each other (measured 2026-11-26 at load ~5: 10 s/step with
+2 threads, 0.78 s/step with 1). Timings: BENCHMARKS.md.
 
 The result is cached under ``cache_dir/tiny-<config hash>/`` in the ``DiffusionBundle.save`` layout
 plus ``pretrain.json`` (config, loss curve, timings) and ``done.json`` (sha256 of every file), written
@@ -24,11 +27,12 @@ import time
 
 from pydantic import Field
 
-from .config import StrictModel, config_hash
+from .config import StrictModel, config_hash, parse
 from .data.benchmark import LEGACY_HASH_VALUES, BenchmarkConfig, ContinualBenchmark, to_tensor_range, tiny_benchmark_config
 from .errors import CheckpointError
 from .models.config import TinyModelConfig
 from .hashing import sha256_file
+from .paths import default_pretrained_dir
 
 DONE_FILE = "done.json"
 INFO_FILE = "pretrain.json"
@@ -50,6 +54,13 @@ class PretrainConfig(StrictModel):
     cfg_dropout: float = Field(0.1, ge=0, lt=1, description="Probability of an empty caption (classifier-free guidance).")
     hflip: bool = Field(True, description="Random horizontal flips of classes where they keep the class (animals).")
     seed: int = Field(0, description="Seed of batches, noise, timesteps and caption dropout.")
+    threads: int = Field(
+        1,
+        ge=1,
+        description="torch CPU threads while training. It changes the weights (reduction order): 2400 steps on 2 "
+        "threads end 3e-4 (relative Frobenius) away from 1 thread, so it is part of the cache key. The published "
+        "base tiny-f4f0e6d5b69f is the 1-thread one; 2 threads are faster on an idle machine (BENCHMARKS.md).",
+    )
     word_tokens: bool = Field(
         False,
         description="Give every word of the base captions its own token id (model.words), as real CLIP does for "
@@ -76,7 +87,7 @@ class PretrainConfig(StrictModel):
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-_LATER_FIELDS = {"word_tokens": False}
+_LATER_FIELDS = {"word_tokens": False, "threads": 1}
 _LATER_MODEL_FIELDS = {"words": [], "full_res_attention": False}
 
 
@@ -171,6 +182,17 @@ def model_config(cfg: PretrainConfig, captions: list[str]) -> TinyModelConfig:
 
 def _train(cfg: PretrainConfig, workdir: str, progress: bool) -> dict:
     import torch
+
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)  # part of the config: the thread count changes the weights
+    try:
+        return _train_pinned(cfg, workdir, progress)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _train_pinned(cfg: PretrainConfig, workdir: str, progress: bool) -> dict:
+    import torch
     import torch.nn.functional as F
 
     from .models.bundle import build_tiny
@@ -263,31 +285,38 @@ def _train(cfg: PretrainConfig, workdir: str, progress: bool) -> dict:
     }
 
 
+def cli_config(test_config: bool = False, steps: int | None = None, seed: int | None = None,
+               threads: int | None = None, word_tokens: bool = False) -> PretrainConfig:
+    """The config the CLIs build (``stamina pretrain-tiny``, ``python -m stamina_core.pretrain``), validated."""
+    cfg = tiny_pretrain_config() if test_config else PretrainConfig()
+    upd = {}
+    if steps is not None:
+        upd["max_train_steps"] = steps
+    if seed is not None:
+        upd["seed"] = seed
+    if threads is not None:
+        upd["threads"] = threads
+    if word_tokens:
+        upd["word_tokens"] = True
+    return parse(PretrainConfig, {**cfg.model_dump(), **upd}, source="pretrain")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m stamina_core.pretrain [--cache-dir DIR] [--steps N] [--tiny]`` prints the model folder."""
+    """CLI: ``python -m stamina_core.pretrain [--cache-dir DIR] [--steps N] [--tiny] [--threads N]`` prints the
+    model folder (``stamina pretrain-tiny`` is the same command)."""
     import argparse
 
     p = argparse.ArgumentParser(description="Pretrain (or reuse) the tiny base model on the benchmark's base classes.")
-    p.add_argument("--cache-dir", default=".stamina/cache")
+    p.add_argument("--cache-dir", default=None, help="default: $STAMINA_CACHE/pretrained or ~/.cache/stamina/pretrained")
     p.add_argument("--max_train_steps", "--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="the seconds-long test config")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads while training (PretrainConfig.threads; "
+                   "default 1, the published base; another count is another base)")
     p.add_argument("--word-tokens", action="store_true", help="one token id per caption word (PretrainConfig.word_tokens)")
     a = p.parse_args(argv)
-    if a.threads:
-        import torch
-
-        torch.set_num_threads(a.threads)
-    cfg = tiny_pretrain_config() if a.tiny else PretrainConfig()
-    upd = {"seed": a.seed}
-    if a.word_tokens:
-        upd["word_tokens"] = True
-    if a.max_train_steps:
-        upd["max_train_steps"] = a.max_train_steps
-    cfg = cfg.model_copy(update=upd)
-    cfg = PretrainConfig.model_validate(cfg.model_dump())
-    print(pretrain_tiny(cfg, a.cache_dir, progress=True))
+    cfg = cli_config(a.tiny, a.max_train_steps, a.seed, a.threads, a.word_tokens)
+    print(pretrain_tiny(cfg, a.cache_dir or default_pretrained_dir(), progress=True))
     return 0
 
 

@@ -114,3 +114,72 @@ def test_word_list_is_validated_and_full_res_attention_adds_a_block(micro_config
     full = build_tiny(micro_config().model_copy(update={"full_res_attention": True}))
     assert not hasattr(plain.unet.down_blocks[0], "attentions")
     assert len(full.unet.down_blocks[0].attentions) >= 1 and len(full.unet.up_blocks[-1].attentions) >= 1
+
+
+def test_thread_count_is_part_of_the_key_and_pinned_while_training(tmp_path, monkeypatch):
+    """The thread count changes the weights (reduction order), so it is config: 1 (the published base) leaves
+    the key as it was; any other count is another base; training runs on it and restores the caller's count."""
+    one = pt.tiny_pretrain_config()
+    two = one.model_copy(update={"threads": 2})
+    assert one.threads == 1 and two.hash() != one.hash()
+    assert pt.PretrainConfig(threads=1).hash() == "f4f0e6d5b69f"
+    seen = {}
+    real = pt._train_pinned
+
+    def spy(cfg, workdir, progress):
+        seen["threads"] = torch.get_num_threads()
+        return real(cfg, workdir, progress)
+
+    monkeypatch.setattr(pt, "_train_pinned", spy)
+    torch.set_num_threads(1)
+    path = pt.pretrain_tiny(two.model_copy(update={"max_train_steps": 2}), str(tmp_path), progress=False)
+    assert seen["threads"] == 2 and torch.get_num_threads() == 1
+    assert json.load(open(os.path.join(path, pt.INFO_FILE)))["torch_threads"] == 2
+
+
+def test_pretrain_cli_builds_a_validated_config(tmp_path, capsys, monkeypatch):
+    """`stamina pretrain-tiny`: --test-config, --steps, --seed and --threads reach the config; a bad value is one
+    line naming the field; no --cache-dir means the shared cache every entry point uses."""
+    from pipelines.cli import main as cli_main
+    from stamina_core.paths import default_pretrained_dir
+
+    rc = cli_main(["pretrain-tiny", "--test-config", "--steps", "2", "--seed", "3", "--cache-dir", str(tmp_path)])
+    assert rc == 0
+    path = capsys.readouterr().out.strip().splitlines()[-1]
+    info = json.load(open(os.path.join(path, pt.INFO_FILE)))
+    assert info["steps"] == 2 and info["config"]["seed"] == 3
+    assert os.path.basename(path) == "tiny-" + pt.cli_config(True, 2, 3).hash()
+    assert cli_main(["pretrain-tiny", "--steps", "0", "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "max_train_steps" in err
+    assert pt.cli_config().hash() == "f4f0e6d5b69f"
+    monkeypatch.setenv("STAMINA_CACHE", str(tmp_path / "root"))
+    from components.model_io import default_cache_dir
+
+    assert default_pretrained_dir() == os.path.join(default_cache_dir(), "pretrained") == str(tmp_path / "root" / "pretrained")
+
+
+def test_base_diff_reports_distance_and_rejects_other_architectures(cache, tmp_path):
+    import shutil
+
+    from bench.base_diff import diff
+
+    d, path = cache
+    same = diff(path, path)
+    assert same["unet"] == {"rel_fro": 0.0, "max_abs": 0.0} and same["text_encoder"]["rel_fro"] == 0.0
+    other = tmp_path / "other"
+    shutil.copytree(path, other)
+    f = other / "unet" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(f))
+    k = sorted(w)[0]
+    w[k] = w[k] + 1.0
+    save_file(w, str(f))
+    got = diff(path, str(other))
+    assert got["unet"]["max_abs"] == pytest.approx(1.0) and got["unet"]["rel_fro"] > 0
+    assert got["text_encoder"]["rel_fro"] == 0.0
+    del w[k]
+    save_file(w, str(f))
+    with pytest.raises(SystemExit, match="different tensors"):
+        diff(path, str(other))
