@@ -43,13 +43,24 @@ bench: install
 # The reported comparison (RESULTS.md): 50 concepts, 100 steps each, judge on the diagonal and the final row,
 # per-method learning rates chosen by bench-continual-tune, CFG 1.5 chosen on the base's own classes
 # (bench/base_quality.py, run by bench-base-quality).
-# About 20 min per method and seed on one core; run two methods side by side on 2 cores with --threads 1.
+# About 17 min per method and seed on one thread: two single-thread streams side by side (stamina then clora,
+# lora_seq then textual_inversion), about 1 h 50 min on 2 cores; each stream logs to .stamina/logs/. Then the
+# RESULTS.md table is rebuilt from all JSONs (each process also rewrites it when it ends) and delta_scale runs.
 CONTINUAL = $(PY) bench/continual.py --concepts 50 --steps 100 --eval diagonal_and_final
+CONTINUAL1 = $(CONTINUAL) --threads 1 --seeds 0,1,2
+LOGS := .stamina/logs
 bench-continual: install
-	$(CONTINUAL) --method stamina --seeds 0,1,2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2
-	$(CONTINUAL) --method lora_seq --seeds 0,1,2 --set train.learning_rate=3e-2 --set token.learning_rate=1.5e-1
-	$(CONTINUAL) --method clora --seeds 0,1,2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2
-	$(CONTINUAL) --method textual_inversion --seeds 0,1,2 --set token.learning_rate=5e-2
+	@mkdir -p $(LOGS); echo "two single-thread streams; progress: tail -f $(LOGS)/bench-continual-{1,2}.log"
+	@( $(CONTINUAL1) --method stamina --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 && \
+	   $(CONTINUAL1) --method clora --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 ) \
+	   > $(LOGS)/bench-continual-1.log 2>&1 & p1=$$!; \
+	 ( $(CONTINUAL1) --method lora_seq --set train.learning_rate=3e-2 --set token.learning_rate=1.5e-1 && \
+	   $(CONTINUAL1) --method textual_inversion --set token.learning_rate=5e-2 ) \
+	   > $(LOGS)/bench-continual-2.log 2>&1 & p2=$$!; \
+	 wait $$p1; r1=$$?; wait $$p2; r2=$$?; \
+	 if [ $$r1 -ne 0 ] || [ $$r2 -ne 0 ]; then tail -n 20 $(LOGS)/bench-continual-*.log; \
+	   echo "bench-continual: a stream failed (exit $$r1 / $$r2); logs in $(LOGS)/"; exit 1; fi
+	$(PY) bench/continual.py --results-table bench/results
 	$(PY) bench/delta_scale.py
 
 # Diagnostic variants of the 50-concept table (session 6; tagged rows, not tuned on these concepts): STAMINA with
