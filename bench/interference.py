@@ -24,7 +24,9 @@ layers (sums of squares across layers):
   occupies (width ``cross_attention_dim`` = 32 here, 768 in SD 1.5).
 
 Writes ``bench/results/interference.json``, ``bench/results/interference.png`` (cross matrices) and the
-``interference`` section of RESULTS.md.
+``interference`` section of RESULTS.md. Runs with extra ``--set`` overrides are saved as
+``bench/results/interference-<name>.json`` (``--out bench/results/interference-<name> --no-markdown``) and
+listed after the main rows when the section is written.
 """
 
 from __future__ import annotations
@@ -163,15 +165,16 @@ def run_method(method: str, concepts: int, seed: int, steps: int, base_dir: str,
 
 
 def table(results: list[dict]) -> str:
-    head = ("| method | concepts | shared positions / all | share of own K/V change on shared positions | "
+    head = ("| method | extra settings | concepts | shared positions / all | share of own K/V change on shared positions | "
             "cross / own, all positions (mean i≠j) | cross / own, concept-specific positions | "
             "one later update on an earlier prompt: ‖H_i D_j‖ / ‖H_i W0‖ | own: ‖H_j D_j‖ / ‖H_j W0‖ | "
             "share of the concept-specific rows that differs between prompts | "
-            "input dims holding 90 % / 99 % of that difference (of width) |\n|" + "---|" * 10)
+            "input dims holding 90 % / 99 % of that difference (of width) |\n|" + "---|" * 11)
     rows = []
     for r in results:
         rows.append(
-            f"| {r['method']} | {r['concepts']} | {r['shared_positions']} / {r['positions']} | "
+            f"| {r['method']} | {', '.join(x for x in r['sets'] if x not in TUNED.get(r['method'], [])) or '–'} | "
+            f"{r['concepts']} | {r['shared_positions']} / {r['positions']} | "
             f"{r['mean_shared_frac']:.2f} | {r['mean_cross']:.2f} | {r['mean_cross_spec']:.2f} | "
             f"{r['mean_rel_change_earlier']:.2f} | {r['mean_rel_change_own']:.2f} | {r['between_share']:.3f} | "
             f"{r['dims_for_90pct']} / {r['dims_for_99pct']} (of {r['width']}) |")
@@ -197,13 +200,28 @@ def plot(results: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def write_section(command: str, base: str, results: list[dict], no_markdown: bool) -> None:
+def variant_files(out: str) -> list[str]:
+    """Variant runs saved next to the main result as ``<out>-<name>.json`` (rows after the main ones)."""
+    d, stem = os.path.dirname(out) or ".", os.path.basename(out)
+    return sorted(os.path.join(d, f) for f in os.listdir(d) if f.startswith(stem + "-") and f.endswith(".json"))
+
+
+def write_section(command: str, base: str, results: list[dict], no_markdown: bool, out: str | None = None) -> None:
+    variants = []
+    for path in variant_files(out) if out else []:
+        with open(path) as f:
+            v = json.load(f)
+        variants.append((path, v))
+        results = results + v["results"]
     text = table(results)
     print(text)
     if not no_markdown:
         cmd = (f"Command: `{command}` (base `{base or '?'}`; raw: `bench/results/interference.json`, matrices: "
-               "`bench/results/interference.png`; `--table` rebuilds this section from the JSON).\n\n")
-        update_markdown_section(RESULTS_MD, "interference", cmd + text)
+               "`bench/results/interference.png`; `--table` rebuilds this section from the JSONs).")
+        for path, v in variants:
+            cmd += (f" Rows with extra settings: `{v['command']}` (base `{v.get('base', '?')}`), saved as "
+                    f"`{os.path.relpath(path, os.path.dirname(HERE))}`.")
+        update_markdown_section(RESULTS_MD, "interference", cmd + "\n\n" + text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         with open(args.out + ".json") as f:
             saved = json.load(f)
-        write_section(saved["command"], saved.get("base", ""), saved["results"], args.no_markdown)
+        write_section(saved["command"], saved.get("base", ""), saved["results"], args.no_markdown, args.out)
         return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in TUNED]
@@ -251,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out + ".json", "w") as f:
         json.dump({"command": command, "base": base, "results": results}, f, indent=1)
     plot(results, args.out + ".png")
-    write_section(command, base, results, args.no_markdown)
+    write_section(command, base, results, args.no_markdown, args.out)
     return 0
 
 
