@@ -49,6 +49,10 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "direct-token": ("stamina", ["token.kind=direct"], "free token row instead of the MLP token"),
     "anneal": ("stamina", ["mask.schedule=anneal"], "HAT-style temperature annealing to s_max 4"),
     "identity": ("stamina", ["mask.activation=identity"], "identity instead of GELU in the mask MLP"),
+    # session 7, after bench/interference.py: not a STAMINA design option, a replay-free remedy it suggested
+    "preserve": ("stamina", ["preserve.weight=1"],
+                 "+ K/V preservation of earlier and empty prompts, lambda_p 1 (text only; not in the paper)"),
+    "preserve-0.1": ("stamina", ["preserve.weight=0.1"], "the same, lambda_p 0.1"),
 }
 
 

@@ -110,6 +110,19 @@ class CLoRAConfig(StrictModel):
     weight: float = Field(0.1, ge=0, description="lambda of the C-LoRA penalty (sweep it over decades).")
 
 
+class PreserveConfig(StrictModel):
+    """Optional, replay-free K/V preservation of earlier prompts (session 7 ablation, not part of STAMINA).
+
+    Loss ``weight * sum_l ||H D_l^T||^2 / sum_l ||H W0_l^T||^2`` over the cross-attention layers (``attn2``) the
+    adapters sit on, where ``H`` stacks the text-encoder states of the earlier concepts' prompts (and of the
+    empty prompt) and ``D_l`` is the concept's current update: it charges the change the update makes to what
+    earlier prompts (and classifier-free guidance) read, using only text, no images.
+    """
+
+    weight: float = Field(0.0, ge=0, description="lambda_p of the prompt-preservation loss (0 = off).")
+    include_empty: bool = Field(True, description="Also preserve the empty prompt (the unconditional branch of CFG).")
+
+
 class TrainConfig(StrictModel):
     """One concept's training loop (diffusers training-script names where they apply)."""
 
@@ -142,6 +155,9 @@ class MethodConfig(StrictModel):
         None, description="Concept token; None = the method's default (mlp for stamina, direct for the baselines)."
     )
     clora: CLoRAConfig = Field(default_factory=CLoRAConfig, description="C-LoRA penalty (clora only).")
+    preserve: PreserveConfig = Field(
+        default_factory=PreserveConfig, description="Replay-free K/V preservation of earlier prompts (any adapter method)."
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop for one concept.")
 
     @field_validator("name")
@@ -163,9 +179,28 @@ class MethodConfig(StrictModel):
         return TokenConfig(kind=registry.get(self.name).default_token_kind)
 
 
+# Fields added after configs were first hashed (run keys, chain steps, result files): left out of the hash while
+# at these defaults, so existing keys stay valid. model class name -> {field: default as JSON}.
+HASH_LATER_DEFAULTS: dict[str, dict] = {
+    "MethodConfig": {"preserve": {"weight": 0.0, "include_empty": True}},
+}
+
+
+def _omit_later_defaults(model: BaseModel, data: dict) -> dict:
+    later = HASH_LATER_DEFAULTS.get(type(model).__name__, {})
+    for name in list(data):
+        value = getattr(model, name, None)
+        if name in later and data[name] == later[name]:
+            data.pop(name)
+        elif isinstance(value, BaseModel) and isinstance(data[name], dict):
+            _omit_later_defaults(value, data[name])
+    return data
+
+
 def config_hash(model: BaseModel, length: int = 12) -> str:
-    """sha256 of the canonical JSON of a config (sorted keys), truncated."""
-    payload = json.dumps(model.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """sha256 of the canonical JSON of a config (sorted keys), truncated; later fields at their defaults are
+    left out (``HASH_LATER_DEFAULTS``)."""
+    payload = json.dumps(_omit_later_defaults(model, model.model_dump(mode="json")), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:length]
 
 

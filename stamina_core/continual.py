@@ -59,8 +59,12 @@ def run_continual(
     progress: bool = False,
     start_index: int = 0,
     reference: dict[str, torch.Tensor] | None = None,
+    earlier_prompts: list[str] | None = None,
 ) -> list[ConceptOutcome]:
-    """Learn ``concepts`` in order on ``bundle`` (in place). ``evaluate(bundle, t, seen)`` runs after each fold."""
+    """Learn ``concepts`` in order on ``bundle`` (in place). ``evaluate(bundle, t, seen)`` runs after each fold.
+
+    ``earlier_prompts``: prompts of concepts learned before ``concepts[0]`` (for ``cfg.preserve``); the prompts of
+    the concepts learned in this call are added as they are folded."""
     spec = get(cfg.name)
     if reference is None and spec.adapter != "none":
         reference = reference_weights(bundle.unet, cfg.adapter.targets)  # W0: before the first concept
@@ -69,7 +73,9 @@ def run_continual(
         idx = start_index + k
         t0 = time.perf_counter()
         c_cfg = concept_config(cfg, idx)
-        state = begin_concept(spec, c_cfg, bundle.unet, bundle.text_encoder, bundle.tokenizer, item.token, reference)
+        preserve = list(earlier_prompts or []) + [p for it in concepts[:k] for p in it.data.prompts]
+        state = begin_concept(spec, c_cfg, bundle.unet, bundle.text_encoder, bundle.tokenizer, item.token, reference,
+                              preserve_prompts=preserve)
         res = train_concept(bundle, state, item.data, progress=progress)
         report, deltas = state.fold_with_delta()
         out = ConceptOutcome(idx, item.name, item.token, res, report, deltas, time.perf_counter() - t0)

@@ -52,6 +52,8 @@ class ConceptState:
     reference: dict[str, torch.Tensor] = field(default_factory=dict)  # W0 per adapted layer (fp32)
     params_before: int = 0
     folded: bool = False
+    preserve_rows: torch.Tensor | None = None  # (R, d) text states of earlier prompts (PreserveConfig)
+    preserve_base: float = 0.0                 # sum_l ||H W0_l^T||^2 over the preserved layers
 
     # -- training-time API ------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
@@ -101,9 +103,26 @@ class ConceptState:
             ad.temperature = s
 
     def penalty(self, step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
-        if self.spec.penalty is None:
+        pen, logs = (None, {}) if self.spec.penalty is None else self.spec.penalty(self, step)
+        keep, keep_logs = self.preserve_penalty()
+        if keep is not None:
+            pen = keep if pen is None else pen + keep
+            logs = {**logs, **keep_logs}
+        return pen, logs
+
+    def preserved_layers(self) -> list[LoRALinear]:
+        """Adapted cross-attention layers (``attn2``): the ones that read the text states."""
+        return [ad for name, ad in self.adapters.items() if ".attn2." in f".{name}."]
+
+    def preserve_penalty(self) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """PreserveConfig's loss: weight * sum_l ||H D_l^T||^2 / sum_l ||H W0_l^T||^2 (None when off)."""
+        pc = self.cfg.preserve
+        if pc.weight == 0 or self.preserve_rows is None or self.preserve_base <= 0:
             return None, {}
-        return self.spec.penalty(self, step)
+        H = self.preserve_rows
+        num = sum((H @ ad.delta_weight().T).pow(2).sum() for ad in self.preserved_layers())
+        rel = num / self.preserve_base
+        return pc.weight * rel, {"preserve": float(rel.detach())}
 
     # -- fold -------------------------------------------------------------------------------
     def fold_with_delta(self) -> tuple[FoldReport, dict[str, torch.Tensor]]:
@@ -156,11 +175,13 @@ def begin_concept(
     tokenizer,
     token: str | None,
     reference: dict[str, torch.Tensor] | None = None,
+    preserve_prompts: list[str] | None = None,
 ) -> ConceptState:
     """Attach this method's adapters and concept token for a new concept.
 
     ``reference`` maps adapted layer names to W0 (the weights before the first concept); it feeds
     C-LoRA's penalty and STAMINA's overlap-aware loss. When absent, the current weights are W0.
+    ``preserve_prompts`` are the earlier concepts' prompts for ``cfg.preserve`` (ignored while its weight is 0).
     """
     ac, mc = cfg.adapter, cfg.mask
     g = torch.Generator().manual_seed(cfg.train.seed)
@@ -193,12 +214,34 @@ def begin_concept(
             elif tuple(ref.shape) != tuple(ad.base.weight.shape):
                 raise FoldError(f"reference weight for {name} has shape {tuple(ref.shape)}, layer has {tuple(ad.base.weight.shape)}")
             state.reference[name] = ref.to(ad.base.weight.device).float()
+    if cfg.preserve.weight > 0 and state.adapters:
+        _attach_preserved_states(state, list(preserve_prompts or []))
     tok_cfg = cfg.resolved_token()
     if token is not None and tok_cfg.kind != "none":
         state.token_embedding = add_concept_token(tokenizer, text_encoder, token, tok_cfg, seed=cfg.train.seed)
     if not state.trainable_parameters():
         raise FoldError(f"method {spec.name!r} with this config trains nothing (no adapters and no token)")
     return state
+
+
+def _attach_preserved_states(state: ConceptState, prompts: list[str]) -> None:
+    """Text states of the prompts to preserve (before this concept's token exists), and their base K/V energy."""
+    if state.cfg.preserve.include_empty:
+        prompts = prompts + [""]
+    layers = state.preserved_layers()
+    if not prompts or not layers:
+        return
+    tok = state.tokenizer
+    ids = tok(sorted(set(prompts)), padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt")["input_ids"]
+    dev = layers[0].lora_A.device
+    with torch.no_grad():
+        H = state.text_encoder(ids.to(dev))[0].float()
+        H = H.reshape(-1, H.shape[-1])
+        if H.shape[1] != layers[0].base.in_features:
+            raise FoldError(f"preserve: text states are {H.shape[1]} wide, {layers[0].name} reads {layers[0].base.in_features}")
+        state.preserve_rows = H
+        state.preserve_base = float(sum((H @ state.reference[ad.name].T).pow(2).sum() for ad in layers))
 
 
 def reference_weights(unet: nn.Module, targets: list[str]) -> dict[str, torch.Tensor]:

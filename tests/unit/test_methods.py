@@ -272,3 +272,46 @@ def test_deepcopy_of_bundle_is_independent(micro_bundle):
     st = begin_concept(get("lora_seq"), _cfg("lora_seq"), b2.unet, b2.text_encoder, b2.tokenizer, "<c0>")
     st.fold()
     assert "<c0>" not in micro_bundle.tokenizer.get_vocab()
+
+
+def test_preserve_penalty_charges_kv_change_on_earlier_prompts_only_when_on(micro_bundle):
+    """PreserveConfig: weight * sum ||H D^T||^2 / sum ||H W0^T||^2 over the attn2 layers, H = text states of the
+    earlier prompts (+ the empty prompt); off by default, and a default config keeps its old hash."""
+    from stamina_core.config import config_hash
+
+    b = micro_bundle
+    assert config_hash(MethodConfig()) == "069421e8098c"  # the key before PreserveConfig existed
+    off = begin_concept(get("lora_seq"), _cfg("lora_seq"), b.unet, b.text_encoder, b.tokenizer, "<c0>",
+                        preserve_prompts=["a photo of a bear"])
+    assert off.preserve_rows is None and off.penalty(0) == (None, {})
+    off.fold()
+    cfg = _cfg("stamina")
+    cfg.preserve.weight = 2.0
+    st = begin_concept(get("stamina"), cfg, b.unet, b.text_encoder, b.tokenizer, "<c1>",
+                       preserve_prompts=["a photo of <c0>"])
+    layers = st.preserved_layers()
+    assert layers and all(".attn2." in "." + ad.name + "." for ad in layers)
+    L = b.tokenizer.model_max_length
+    assert st.preserve_rows.shape[0] == 2 * L  # the earlier prompt and the empty prompt
+    pen0, _ = st.penalty(0)  # B = 0 at init: no change yet, no cost (the sparsity term is in warm-up)
+    assert pen0.detach().item() == 0.0
+    with torch.no_grad():
+        for ad in layers:
+            ad.lora_B.normal_()
+    pen, logs = st.penalty(0)
+    H = st.preserve_rows
+    num = sum(float((H @ ad.delta_weight().T).pow(2).sum()) for ad in layers)
+    den = sum(float((H @ st.reference[ad.name].T).pow(2).sum()) for ad in layers)
+    assert float(pen) == pytest.approx(2.0 * num / den, rel=1e-5) and logs["preserve"] == pytest.approx(num / den, rel=1e-5)
+    pen.backward()
+    assert all(ad.lora_B.grad is not None and float(ad.lora_B.grad.abs().sum()) > 0 for ad in layers)
+
+
+def test_pipeline_rejects_the_preserve_ablation_up_front():
+    from components.schemas import SequenceConfig
+    from stamina_core.config import ConfigError
+
+    data = {"sequence_id": "s", "concepts": [{"name": "a", "token": "<a>", "images": "/tmp/x"}],
+            "method": {"name": "stamina", "preserve": {"weight": 1.0}}}
+    with pytest.raises(ConfigError, match="method.preserve.weight"):
+        parse(SequenceConfig, data)
