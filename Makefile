@@ -63,12 +63,16 @@ bench-continual: install
 	$(PY) bench/continual.py --results-table bench/results
 	$(PY) bench/delta_scale.py
 
-# Diagnostic variants of the 50-concept table (session 6; tagged rows, not tuned on these concepts): STAMINA with
-# masks that close (the animal ablation's `sparse`) and both adapter methods at a 3x smaller LoRA lr.
+# Diagnostic variants of the 50-concept table (sessions 6-7; tagged rows, not tuned on these concepts): STAMINA with
+# masks that close (the animal ablation's `sparse`), both adapter methods at a 3x smaller LoRA lr, and STAMINA
+# with prompt preservation (lambda_p 1, the animal ablation's `preserve`).
 bench-continual-variants: install
 	$(CONTINUAL) --method stamina --tag sparse --seeds 0,1,2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 --set mask.sparsity_weight=0.1 --set mask.learning_rate=0.1
 	$(CONTINUAL) --method stamina --tag lr3e-3 --seeds 0,1,2 --set train.learning_rate=3e-3 --set token.learning_rate=1.5e-2
 	$(CONTINUAL) --method lora_seq --tag lr3e-3 --seeds 0,1,2 --set train.learning_rate=3e-3 --set token.learning_rate=1.5e-2
+	# session 7: + replay-free K/V preservation of earlier prompts (MethodConfig.preserve, lambda_p 0.1 chosen on the
+	# tuning glyphs by bench-continual-tune-mask; 1 seed ran)
+	$(CONTINUAL) --method stamina --tag preserve --seeds 0 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 --set preserve.weight=0.1
 	$(PY) bench/delta_scale.py
 
 # The tuning grid (5 separate tuning concepts, seed 100; never the reported sequence): 4 settings per adapter method
@@ -102,6 +106,10 @@ bench-continual-tune-mask: install
 	$(TUNE_MASK) --method clora --tag w0.01 $(STAMINA_LR) --set clora.weight=0.01
 	$(TUNE_MASK) --method clora --tag w0.1 $(STAMINA_LR) --set clora.weight=0.1
 	$(TUNE_MASK) --method clora --tag w1 $(STAMINA_LR) --set clora.weight=1
+	# session 7: prompt preservation (MethodConfig.preserve), lambda_p over decades
+	$(TUNE_MASK) --method stamina --tag p1 $(STAMINA_LR) --set preserve.weight=1
+	$(TUNE_MASK) --method stamina --tag p0.1 $(STAMINA_LR) --set preserve.weight=0.1
+	$(TUNE_MASK) --method stamina --tag p0.01 $(STAMINA_LR) --set preserve.weight=0.01
 	$(PY) bench/continual.py --tuning-table bench/results/tuning-mask
 
 # STAMINA's design options (DESIGN.md §2) against the baselines on the 5 animals (RESULTS.md, ablation table).

@@ -5,9 +5,11 @@ setup, varied glyph renders and CFG 3, they were the only ones; since session 5 
 animals still reach the highest just-learned scores), so this is where design options show an effect most
 clearly. Results of the session-4 setup are archived in ``bench/results/varied-glyphs/ablation/``. One shared
 setting for every variant (300 steps, LoRA lr 1e-2, token lr 5e-2, the setting under which
-`bench/learnability.py` learned an animal), not a per-variant tuning.
+`bench/learnability.py` learned an animal), not a per-variant tuning. The ``preserve*`` variants (session 7) are
+not STAMINA design options but the replay-free remedy ``bench/interference.py`` pointed to (``MethodConfig.preserve``).
 
-    python bench/continual_ablation.py                       # every variant, seeds 0,1 (about 1 h on 2 cores)
+    python bench/continual_ablation.py                       # every variant, seeds 0,1 (about 2 h on one core;
+                                                             # run halves of --variants side by side on 2 cores)
     python bench/continual_ablation.py --variants stamina,lora_seq --seeds 2 --add-seeds
     python bench/continual_ablation.py --table               # only rebuild the RESULTS.md table
 
@@ -53,6 +55,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "preserve": ("stamina", ["preserve.weight=1"],
                  "+ K/V preservation of earlier and empty prompts, lambda_p 1 (text only; not in the paper)"),
     "preserve-0.1": ("stamina", ["preserve.weight=0.1"], "the same, lambda_p 0.1"),
+    "lora-preserve": ("lora_seq", ["preserve.weight=1"], "plain LoRA + the same preservation, lambda_p 1 (is it the masks?)"),
 }
 
 
