@@ -74,6 +74,11 @@ class AdapterState:
     temperature_at = ConceptState.temperature_at
     set_progress = ConceptState.set_progress
     penalty = ConceptState.penalty
+    # prompt preservation is a text-to-image option: there are no prompts here, so its term is always off
+    preserve_rows = None
+    preserve_base = 0.0
+    preserved_layers = ConceptState.preserved_layers
+    preserve_penalty = ConceptState.preserve_penalty
 
 
 @dataclass
