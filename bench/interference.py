@@ -253,12 +253,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from stamina_core.data.benchmark import ContinualBenchmark, tiny_benchmark_config
-    from stamina_core.paths import default_cache_root
+    from stamina_core.paths import default_pretrained_dir
     from stamina_core.pretrain import PretrainConfig, pretrain_tiny, tiny_pretrain_config
 
     bench, pcfg = (ContinualBenchmark(tiny_benchmark_config()), tiny_pretrain_config()) if args.smoke else (None, PretrainConfig())
-    base_dir = pretrain_tiny(pcfg, cache_dir=os.path.join(args.cache_dir or default_cache_root(), "pretrained"),
-                             progress=not args.smoke)
+    cache = os.path.join(args.cache_dir, "pretrained") if args.cache_dir else default_pretrained_dir()
+    base_dir = pretrain_tiny(pcfg, cache_dir=cache, progress=not args.smoke)
     results = []
     for m in methods:
         print(f"[interference] {m}: {args.concepts} concepts x {args.steps} steps ...", flush=True)

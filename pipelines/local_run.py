@@ -101,10 +101,10 @@ def run_local(concepts: int = 3, steps: int | None = None, keep_stack: bool = Tr
     print(f"      S3 {info.s3_endpoint} | MLflow {info.mlflow_uri} | Ray {info.dashboard_url}", flush=True)
 
     print("[2/4] tiny base model (pretrained once, then cached) and built-in concept images ...", flush=True)
-    from components.model_io import default_cache_dir
+    from stamina_core.paths import default_pretrained_dir
     from stamina_core.pretrain import PretrainConfig, pretrain_tiny
 
-    pretrain_tiny(PretrainConfig(), cache_dir=os.path.join(default_cache_dir(), "pretrained"), progress=True)
+    pretrain_tiny(PretrainConfig(), cache_dir=default_pretrained_dir(), progress=True)
     client = s3_client()
     bucket = info.bucket
     inputs_uri = f"s3://{bucket}/inputs"
