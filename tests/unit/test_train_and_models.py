@@ -114,7 +114,12 @@ def test_folded_model_reloads_with_plain_diffusers_identically(micro_bundle, tmp
     with torch.no_grad():
         ref = b.unet(x, 50, encoder_hidden_states=b.text_encoder(ids)[0]).sample
         out = unet(x, 50, encoder_hidden_states=te(ids)[0]).sample
-    assert torch.equal(out, ref)
+    # Same weights bit for bit; the outputs agree to fp32 rounding, not bit for bit: diffusers 0.42.1 loads
+    # safetensors zero-copy, so a weight can sit at an address only 4-byte aligned, and oneDNN/MKL round a
+    # matmul differently by alignment (seen session 8: the same Linear, cloned vs loaded, differs in the last bit).
+    sa, sb = b.unet.state_dict(), unet.state_dict()
+    assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # and through the project's loader
     b2 = load_model(str(tmp_path / "m"))
     torch.testing.assert_close(sample(b2, ["a photo of <c0>"], num_inference_steps=2),
