@@ -63,7 +63,7 @@ def cmd_pretrain(args) -> int:
     from stamina_core.paths import default_pretrained_dir
     from stamina_core.pretrain import cli_config, pretrain_tiny
 
-    cfg = cli_config(args.test_config, args.steps, args.seed, args.threads, procs=args.procs)
+    cfg = cli_config(args.test_config, args.steps, args.seed, args.threads)
     path = pretrain_tiny(cfg, cache_dir=args.cache_dir or default_pretrained_dir(), progress=True)
     print(path)
     return 0
@@ -133,8 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--threads", type=int, default=None,
                    help="torch threads while training (default 1: the published base; another count is another base)")
-    s.add_argument("--procs", type=int, default=None,
-                   help="data-parallel worker processes, each with --threads threads (same recipe, another base)")
     s.add_argument("--test-config", action="store_true", help="the seconds-long test configuration")
     s.set_defaults(func=cmd_pretrain)
 

@@ -9,10 +9,6 @@ BENCHMARKS.md).
 
 Threads are part of the config (``PretrainConfig.threads``, default 1): the thread count changes the
 reduction order and so the weights, and the published base ``tiny-f4f0e6d5b69f`` was trained on 1 thread.
-So is ``PretrainConfig.procs``: with N > 1, N worker processes (plain subprocesses of
-``python -m stamina_core.pretrain --rank-worker``, gloo over loopback) each compute 1/N of every step's batch,
-drawn exactly as with one process, and average their gradients with one all-reduce per step: the same recipe,
-bit-identical across reruns, within rounding of the 1-process weights, and about twice as fast on 2 cores.
 ``--threads 2`` is faster on an idle machine and yields another base (another cache key); on a shared,
 loaded 2-core machine two torch threads stall each other (measured 2026-11-26 at load ~5: 10 s/step with
 2 threads, 0.78 s/step with 1). Timings: BENCHMARKS.md.
@@ -29,7 +25,7 @@ import os
 import shutil
 import time
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from .config import StrictModel, config_hash, parse
 from .data.benchmark import LEGACY_HASH_VALUES, BenchmarkConfig, ContinualBenchmark, to_tensor_range, tiny_benchmark_config
@@ -65,28 +61,12 @@ class PretrainConfig(StrictModel):
         "threads end 3e-4 (relative Frobenius) away from 1 thread, so it is part of the cache key. The published "
         "base tiny-f4f0e6d5b69f is the 1-thread one; 2 threads are faster on an idle machine (BENCHMARKS.md).",
     )
-    procs: int = Field(
-        1,
-        ge=1,
-        le=16,
-        description="Data-parallel worker processes on this host (torch.distributed, gloo), each with `threads` "
-        "threads. Every step draws the same samples, noise and timesteps as with 1 process and splits them into "
-        "`procs` contiguous shards; gradients are summed across processes and divided by `procs`, so the recipe "
-        "is the same and only the reduction order differs (like `threads`, it changes the weights at rounding "
-        "level and is part of the cache key). train_batch_size must divide evenly.",
-    )
     word_tokens: bool = Field(
         False,
         description="Give every word of the base captions its own token id (model.words), as real CLIP does for "
         "common words; False keeps captions byte-level (class names then differ only in their last bytes). "
         "Tried as the default and measured worse on animals and no better on glyphs (RESULTS.md).",
     )
-
-    @model_validator(mode="after")
-    def _shards(self) -> "PretrainConfig":
-        if self.train_batch_size % self.procs:
-            raise ValueError(f"procs={self.procs} must divide train_batch_size={self.train_batch_size}")
-        return self
 
     def hash(self) -> str:
         """Config hash; fields added later are left out while at their defaults, so caches keyed by an
@@ -107,7 +87,7 @@ class PretrainConfig(StrictModel):
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-_LATER_FIELDS = {"word_tokens": False, "threads": 1, "procs": 1}
+_LATER_FIELDS = {"word_tokens": False, "threads": 1}
 _LATER_MODEL_FIELDS = {"words": [], "full_res_attention": False}
 
 
@@ -203,8 +183,6 @@ def model_config(cfg: PretrainConfig, captions: list[str]) -> TinyModelConfig:
 def _train(cfg: PretrainConfig, workdir: str, progress: bool) -> dict:
     import torch
 
-    if cfg.procs > 1:
-        return _train_parallel(cfg, workdir, progress)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)  # part of the config: the thread count changes the weights
     try:
@@ -213,89 +191,7 @@ def _train(cfg: PretrainConfig, workdir: str, progress: bool) -> dict:
         torch.set_num_threads(prev_threads)
 
 
-_RANK_INFO = ".rank0-info.json"
-
-
-def _train_parallel(cfg: PretrainConfig, workdir: str, progress: bool) -> dict:
-    """``cfg.procs`` worker processes (``python -m stamina_core.pretrain --rank-worker``; plain subprocesses, so
-    no caller needs a ``__main__`` guard), gloo over loopback, rendezvous through a file in ``workdir``. Rank 0
-    saves the model and its info, returned here with the end-to-end wall time (process start included). If one
-    worker fails the others are stopped (by PID) and its one-line error is raised."""
-    import subprocess
-    import sys
-
-    t0 = time.time()
-    init_file = os.path.join(workdir, ".rendezvous")
-    cfg_file = os.path.join(workdir, ".pretrain-config.json")
-    with open(cfg_file, "w", encoding="utf-8") as f:
-        f.write(cfg.model_dump_json())
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one host: loopback only
-    procs = []
-    try:
-        for rank in range(cfg.procs):
-            cmd = [sys.executable, "-m", "stamina_core.pretrain", "--rank-worker", str(rank), cfg_file, workdir,
-                   init_file] + (["--progress"] if progress and rank == 0 else [])
-            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
-        failed = None
-        while failed is None and any(p.poll() is None for p in procs):
-            failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
-            time.sleep(0.2)
-        if failed is None:
-            failed = next((r for r, p in enumerate(procs) if p.returncode != 0), None)
-        if failed is not None:
-            err = os.path.join(workdir, f".rank{failed}-error.txt")
-            msg = open(err, encoding="utf-8").read().strip() if os.path.exists(err) else f"exit code {procs[failed].returncode}"
-            raise CheckpointError(f"pretrain: worker {failed} of {cfg.procs} failed: {msg}")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for f in [init_file, cfg_file] + [os.path.join(workdir, f".rank{r}-error.txt") for r in range(cfg.procs)]:
-            if os.path.exists(f):
-                os.remove(f)
-    path = os.path.join(workdir, _RANK_INFO)
-    with open(path, encoding="utf-8") as f:
-        info = json.load(f)
-    os.remove(path)
-    wall = time.time() - t0
-    info["rank0_wall_s"] = info["wall_s"]
-    info["wall_s"] = round(wall, 2)
-    info["s_per_step"] = round(wall / cfg.max_train_steps, 4)
-    return info
-
-
-def _rank_main(rank: int, cfg_file: str, workdir: str, init_file: str, progress: bool) -> int:
-    """One data-parallel worker (see ``_train_parallel``); a failure is written as one line for the parent."""
-    import torch
-    import torch.distributed as dist
-
-    try:
-        with open(cfg_file, encoding="utf-8") as f:
-            cfg = PretrainConfig.model_validate_json(f.read())
-        torch.set_num_threads(cfg.threads)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=cfg.procs)
-        try:
-            info = _train_pinned(cfg, workdir, progress, rank=rank, world=cfg.procs)
-        finally:
-            dist.destroy_process_group()
-        if rank == 0:
-            tmp = os.path.join(workdir, _RANK_INFO + ".part")
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(info, f)
-            os.replace(tmp, os.path.join(workdir, _RANK_INFO))
-        return 0
-    except Exception as e:  # noqa: BLE001 - reported to the parent as one line
-        with open(os.path.join(workdir, f".rank{rank}-error.txt"), "w", encoding="utf-8") as f:
-            f.write(f"{type(e).__name__}: {e}".splitlines()[0])
-        raise
-
-
-def _train_pinned(cfg: PretrainConfig, workdir: str, progress: bool, rank: int = 0, world: int = 1) -> dict:
-    """The training loop. With ``world`` > 1 (called by ``_rank_main``) this process computes the loss of rows
-    ``[rank*bs/world, (rank+1)*bs/world)`` of the batch every process draws identically, and the gradients (and
-    the loss) are averaged with one all-reduce per step; only rank 0 writes the model."""
+def _train_pinned(cfg: PretrainConfig, workdir: str, progress: bool) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -312,17 +208,8 @@ def _train_pinned(cfg: PretrainConfig, workdir: str, progress: bool, rank: int =
             f"got sample_size={cfg.model.sample_size}, channels={cfg.model.channels}, latent={cfg.model.latent}"
         )
     flip_ok = torch.tensor([bench.classes[int(y)].hflip_ok for y in labels])
-    build_dir = os.path.join(workdir, ".build" if world == 1 else f".build-{rank}")
-    bundle = build_tiny(model_config(cfg, captions), workdir=build_dir)
+    bundle = build_tiny(model_config(cfg, captions), workdir=os.path.join(workdir, ".build"))
     unet, te = bundle.unet, bundle.text_encoder
-    params = list(unet.parameters()) + list(te.parameters())
-    if world > 1:
-        import torch.distributed as dist
-
-        with torch.no_grad():
-            for prm in params:  # the init is seeded; the broadcast makes identical starts certain
-                dist.broadcast(prm, src=0)
-    lo, hi = rank * (cfg.train_batch_size // world), (rank + 1) * (cfg.train_batch_size // world)
     uniq = sorted(set(captions)) + [""]
     cap_index = {c: i for i, c in enumerate(uniq)}
     ids_table = bundle.tokenize(uniq)
@@ -359,16 +246,12 @@ def _train_pinned(cfg: PretrainConfig, workdir: str, progress: bool, rank: int =
         cid = torch.where(torch.rand(bs, generator=g) < cfg.cfg_dropout, torch.full((bs,), empty), cap_ids[idx])
         noise = torch.randn(x.shape, generator=g)
         t = torch.randint(0, T, (bs,), generator=g)
-        if world > 1:
-            x, noise, t, cid = x[lo:hi], noise[lo:hi], t[lo:hi], cid[lo:hi]
         noisy = ns.add_noise(x, noise, t)
         ctx = te(ids_table[cid])[0]
         pred = unet(noisy, t, encoder_hidden_states=ctx).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if world > 1:
-            loss = _all_reduce_mean(params, loss, world)
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(te.parameters()), cfg.max_grad_norm)
         opt.step()
         sched.step()
@@ -383,9 +266,8 @@ def _train_pinned(cfg: PretrainConfig, workdir: str, progress: bool, rank: int =
     if bar is not None:
         bar.close()
     bundle.eval()
-    shutil.rmtree(build_dir, ignore_errors=True)
-    if rank == 0:
-        bundle.save(workdir)
+    shutil.rmtree(os.path.join(workdir, ".build"), ignore_errors=True)
+    bundle.save(workdir)
     wall = time.time() - t0
     every = max(1, len(losses) // 200)
     return {
@@ -400,29 +282,11 @@ def _train_pinned(cfg: PretrainConfig, workdir: str, progress: bool, rank: int =
         "loss_curve": {"every": every, "values": [sum(losses[i:i + every]) / len(losses[i:i + every])
                                                   for i in range(0, len(losses), every)]},
         "torch_threads": torch.get_num_threads(),
-        "procs": world,
     }
 
 
-def _all_reduce_mean(params: list, loss, world: int):
-    """Average the gradients of ``params`` (and the loss) over the process group with one flat all-reduce;
-    returns the averaged loss. Parameters without a gradient have none on every rank (same graph)."""
-    import torch
-    import torch.distributed as dist
-
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1)])
-    dist.all_reduce(flat)
-    flat.div_(world)
-    i = 0
-    for g in grads:
-        g.copy_(flat[i:i + g.numel()].view_as(g))
-        i += g.numel()
-    return flat[-1]
-
-
 def cli_config(test_config: bool = False, steps: int | None = None, seed: int | None = None,
-               threads: int | None = None, word_tokens: bool = False, procs: int | None = None) -> PretrainConfig:
+               threads: int | None = None, word_tokens: bool = False) -> PretrainConfig:
     """The config the CLIs build (``stamina pretrain-tiny``, ``python -m stamina_core.pretrain``), validated."""
     cfg = tiny_pretrain_config() if test_config else PretrainConfig()
     upd = {}
@@ -432,8 +296,6 @@ def cli_config(test_config: bool = False, steps: int | None = None, seed: int | 
         upd["seed"] = seed
     if threads is not None:
         upd["threads"] = threads
-    if procs is not None:
-        upd["procs"] = procs
     if word_tokens:
         upd["word_tokens"] = True
     return parse(PretrainConfig, {**cfg.model_dump(), **upd}, source="pretrain")
@@ -452,15 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads while training (PretrainConfig.threads; "
                    "default 1, the published base; another count is another base)")
     p.add_argument("--word-tokens", action="store_true", help="one token id per caption word (PretrainConfig.word_tokens)")
-    p.add_argument("--procs", type=int, default=None, help="data-parallel worker processes (PretrainConfig.procs)")
-    p.add_argument("--rank-worker", nargs=4, metavar=("RANK", "CONFIG", "WORKDIR", "RENDEZVOUS"), default=None,
-                   help=argparse.SUPPRESS)
-    p.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.rank_worker is not None:  # internal: one worker of a --procs N run
-        rank, cfg_file, workdir, init_file = a.rank_worker
-        return _rank_main(int(rank), cfg_file, workdir, init_file, a.progress)
-    cfg = cli_config(a.tiny, a.max_train_steps, a.seed, a.threads, a.word_tokens, a.procs)
+    cfg = cli_config(a.tiny, a.max_train_steps, a.seed, a.threads, a.word_tokens)
     print(pretrain_tiny(cfg, a.cache_dir or default_pretrained_dir(), progress=True))
     return 0
 
