@@ -259,9 +259,6 @@ class SequenceConfig(StrictModel):
                 raise ValueError("classification: only used with task: classification (this config has task: diffusion)")
             if not self.concepts:
                 raise ValueError("concepts: at least one concept is required (task: diffusion)")
-            if self.method.preserve.weight > 0:
-                raise ValueError("method.preserve.weight: the prompt-preservation ablation runs in the in-process loop "
-                                 "(stamina_core.continual.run_continual, bench/) only, not in the pipeline yet; set 0")
             return self
         if self.classification is None:
             raise ValueError("classification: required with task: classification (backbone, data, tasks, continual)")

@@ -50,7 +50,8 @@ class SweepInput(StrictModel):
     method: MethodConfig = Field(description="Base method config; swept fields are overridden per trial.")
     concept: ConceptSpec = Field(description="The new concept (token, prompt).")
     dataset: str = Field(description="data.parquet written by components.ingest (local or s3://).")
-    earlier_prompts: list[str] = Field(default_factory=list, description="Prompts of the earlier concepts' tokens (drift probes).")
+    earlier_prompts: list[str] = Field(default_factory=list, description="Prompts of the earlier concepts' tokens (drift probes; "
+                                       "also what method.preserve preserves).")
     generic_prompt: str = Field("a photo", description="A generic prompt added to the drift probes ('' = unconditional).")
     spec: SweepSpec = Field(default_factory=SweepSpec, description="Space, trial budget, ASHA settings, drift weight.")
     storage_path: str = Field(description="Tune storage: an s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL) or a local folder.")
@@ -219,7 +220,8 @@ def run_trial(inp: SweepInput, params: dict, report) -> None:
     train, held = split_holdout(data, inp.holdout_fraction, inp.seed)
     drift_prompts = list(inp.earlier_prompts) + [inp.generic_prompt]
     probe = ReplayFreeProbe(bundle, held, drift_prompts, inp.probe_noise, inp.drift_samples, inp.drift_sample_steps, inp.seed)
-    state = begin_concept(get(cfg.name), cfg, bundle.unet, bundle.text_encoder, bundle.tokenizer, inp.concept.token, reference)
+    state = begin_concept(get(cfg.name), cfg, bundle.unet, bundle.text_encoder, bundle.tokenizer, inp.concept.token, reference,
+                          preserve_prompts=list(inp.earlier_prompts))
     total = cfg.train.max_train_steps
 
     def on_step(done: int, metrics: dict) -> None:

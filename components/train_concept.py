@@ -94,6 +94,10 @@ class TrainConceptInput(StrictModel):
         "async", description="Upload intermediate checkpoints in the background ('async': training goes on while a "
         "staged copy goes to storage; a crash mid-upload loses only that checkpoint) or wait for each ('sync'). The "
         "final checkpoint always uploads synchronously.")
+    preserve_prompts: list[str] = Field(
+        default_factory=list, description="Training prompts of the earlier concepts of the chain, for method.preserve "
+        "(the replay-free prompt-preservation term; unused while its weight is 0). Part of the config hash only "
+        "while the term is on.")
     parent_delta_sha256: list[str] | None = Field(
         None, description="sha256 of each parent delta.safetensors; lets a warm worker keep its folded model "
         "(computed from parent_deltas when not given). Not part of the config hash.")
@@ -108,6 +112,8 @@ class TrainConceptInput(StrictModel):
         ident["dataset"] = self.dataset_digest or self.dataset
         ident["base"] = self.base_digest or self.base_dir
         ident["parents"] = self.parent_digests if self.parent_digests is not None else self.parent_deltas
+        if self.method.preserve.weight > 0:  # off: the prompts change nothing, and older run names stay valid
+            ident["preserve_prompts"] = list(self.preserve_prompts)
         return config_hash(_Ident(ident=ident))
 
     def run_name(self) -> str:
@@ -417,7 +423,7 @@ def _train_one(inp: TrainConceptInput, eval_req: dict | None, held: _Held, rank:
         held_before = (held.key, held.bundle, held.reference)
         held.drop()  # while training, the model is not in a known state until it folds
         state = begin_concept(get(inp.method.name), inp.method, bundle.unet, bundle.text_encoder, bundle.tokenizer,
-                              inp.concept.token, reference)
+                              inp.concept.token, reference, preserve_prompts=inp.preserve_prompts)
         timings["model_s"] = time.perf_counter() - t0
 
         t_loop = time.perf_counter()
@@ -489,8 +495,10 @@ def _train_one(inp: TrainConceptInput, eval_req: dict | None, held: _Held, rank:
                                 "method": json.dumps(inp.method.model_dump(mode="json"), sort_keys=True)})
             summary = report.summary()
             _write_json(os.path.join(final, "fold_report.json"), {**report.model_dump(mode="json"), "summary": summary})
-            _write_json(os.path.join(final, "losses.json"), {"losses": res.losses, "penalties": res.penalties,
-                                                             "steps": res.steps, "resumed_from": res.resumed_from})
+            _write_json(os.path.join(final, "losses.json"), {
+                "losses": res.losses, "penalties": res.penalties, "steps": res.steps, "resumed_from": res.resumed_from,
+                # what method.preserve held still (audit: the chain's earlier prompts reached this worker)
+                "preserve_prompts": list(inp.preserve_prompts) if inp.method.preserve.weight > 0 else []})
             files = list(FINAL_FILES)
             if eval_req is not None:
                 from components.evaluate import EvalRequest, evaluate_step

@@ -277,6 +277,7 @@ def _run_pending(cfg, work, submission_id, progress, t_start, chash, cache, clie
             tr = session.train(TrainConceptInput(
                 sequence_id=cfg.sequence_id, index=i, base_dir=base_dir, parent_deltas=list(delta_paths),
                 parent_delta_sha256=list(delta_shas),
+                preserve_prompts=[e.prompt for e in eval_concepts[:-1]],
                 method=method_cfg, concept=c, dataset=ds.parquet_path, dataset_digest=ds.digest,
                 base_digest=base_ref["digest"], parent_digests=list(parent_digests),
                 resources=cfg.resources, storage_path=ray_storage_uri,

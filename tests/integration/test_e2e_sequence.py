@@ -38,7 +38,9 @@ def _config(tmp: Path, concepts: list[dict]) -> Path:
         "base": {"kind": "tiny", "pretrained": False,
                  "tiny": {"sample_size": 8, "block_out_channels": [16, 32], "cross_attention_dim": 16,
                           "text_intermediate": 32, "text_layers": 1, "max_length": 32}},
-        "method": {"name": "stamina", "train": {"max_train_steps": 4, "train_batch_size": 2, "checkpointing_steps": 2}},
+        # preserve on: the driver hands every concept the earlier concepts' prompts (checked in losses.json)
+        "method": {"name": "stamina", "train": {"max_train_steps": 4, "train_batch_size": 2, "checkpointing_steps": 2},
+                   "preserve": {"weight": 1.0}},
         "concepts": concepts,
         "storage": {"uri": "s3://stamina/runs", "materialize": "head"},
         "eval": {"mode": "full", "samples_per_concept": 2, "num_inference_steps": 2},
@@ -83,7 +85,9 @@ def test_ray_job_submit_two_concepts_then_resume_and_append(full_stack, tmp_path
     assert [c.index for c in chain] == [0, 1, 2]
     for c in chain[1:]:
         store.verify_step(c, deep=True)  # every file's sha256 checked
-        assert {"delta.safetensors", "adapter.safetensors", "eval.json", "samples.png"} <= set(c.manifest.files)
+        assert {"delta.safetensors", "adapter.safetensors", "eval.json", "samples.png", "losses.json"} <= set(c.manifest.files)
+        losses = json.load(open(store.download_step(c, tmp_path / f"l{c.index}")["losses.json"]))
+        assert losses["preserve_prompts"] == [f"a photo of <e{i}>" for i in range(c.index - 1)]
     assert store.head().index == 2
 
     tracker = Lineage(info.mlflow_uri)
@@ -136,4 +140,7 @@ def test_ray_job_submit_two_concepts_then_resume_and_append(full_stack, tmp_path
     s = json.loads(summary.read_text())
     assert [st["skipped"] for st in s["steps"]] == [True, True, False]
     assert store.head().index == 3
+    # the appended concept preserved the prompts of the committed prefix (taken from the lineage, not this run)
+    losses = json.load(open(store.download_step(store.steps()[-1], tmp_path / "l3")["losses.json"]))
+    assert losses["preserve_prompts"] == ["a photo of <e0>", "a photo of <e1>"]
     assert [v["step"] for v in tracker.chain("stamina-e2e-seq")] == [3, 2, 1]

@@ -51,6 +51,11 @@ def test_run_name_depends_on_content_not_cache_paths():
     other = a.model_copy(update={"method": MethodConfig(train={"seed": 1})})
     assert other.run_name() != a.run_name()
     assert a.model_copy(update={"parent_digests": ["q" * 64]}).run_name() != a.run_name()
+    # the preserved prompts count only while method.preserve is on (off: older run names stay valid)
+    assert a.model_copy(update={"preserve_prompts": ["a photo of <z>"]}).run_name() == a.run_name()
+    on = a.model_copy(update={"method": MethodConfig(preserve={"weight": 0.5})})
+    assert on.run_name() != a.run_name()
+    assert on.model_copy(update={"preserve_prompts": ["a photo of <z>"]}).run_name() != on.run_name()
 
 
 @pytest.mark.integration
