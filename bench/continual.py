@@ -155,6 +155,15 @@ def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, o
     }
 
 
+def base_record(base_dir: str) -> dict:
+    """Which base a run used: its folder, the sha256 of its UNet weights (from ``done.json``) and the CPU it
+    ran on (the same recipe rebuilt on another CPU family gives other bits)."""
+    with open(os.path.join(base_dir, "done.json")) as f:
+        files = json.load(f)["files"]
+    return {"dir": os.path.basename(base_dir), "unet_sha256": files.get("unet/diffusion_pytorch_model.safetensors"),
+            "cpu_model": machine_info().get("cpu_model")}
+
+
 def _earlier_runs(path: str, settings: dict, seeds: list[int]) -> dict | None:
     """The result file a --add-seeds run extends (None if there is none yet); it must share every setting."""
     if not os.path.exists(path):
@@ -320,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                 "set": sorted(args.set), **({"kind": args.kind} if args.kind else {})}
     earlier = _earlier_runs(prefix + ".json", settings, seeds) if args.add_seeds else None
     runs = [run_seed(args, s, bench, base_dir, judge, prefix) for s in seeds]
+    for r in runs:  # per run: a base rebuilt on another CPU family differs at rounding level (BENCHMARKS.md)
+        r["base"] = base_record(base_dir)
     cmd = "stamina bench continual " + " ".join(a if " " not in a else repr(a) for a in (argv or sys.argv[1:]))
     wall = time.perf_counter() - t0
     if earlier is not None:

@@ -31,6 +31,10 @@ def test_three_concept_smoke(method, tmp_path):
     run = out["runs"][0]
     R = run["accuracy"]["R"]
     assert len(R) == 3
+    # which base: its folder, the sha256 of its UNet weights (as done.json lists them) and the CPU
+    base = os.path.join(str(cache), "pretrained", run["base"]["dir"])
+    done = json.load(open(os.path.join(base, "done.json")))
+    assert run["base"]["unet_sha256"] == done["files"]["unet/diffusion_pytorch_model.safetensors"] and "cpu_model" in run["base"]
     for t in range(3):
         for i in range(3):
             v = R[t][i]
