@@ -307,11 +307,15 @@ def test_preserve_penalty_charges_kv_change_on_earlier_prompts_only_when_on(micr
     assert all(ad.lora_B.grad is not None and float(ad.lora_B.grad.abs().sum()) > 0 for ad in layers)
 
 
-def test_pipeline_rejects_the_preserve_ablation_up_front():
+def test_pipeline_accepts_the_preserve_term_and_validates_it():
+    """Since session 8 the pipeline runs method.preserve (the driver passes the earlier prompts; the e2e test
+    checks they arrive); a bad weight is still one line naming the field."""
     from components.schemas import SequenceConfig
     from stamina_core.config import ConfigError
 
     data = {"sequence_id": "s", "concepts": [{"name": "a", "token": "<a>", "images": "/tmp/x"}],
             "method": {"name": "stamina", "preserve": {"weight": 1.0}}}
+    assert parse(SequenceConfig, data).method.preserve.weight == 1.0
+    data["method"]["preserve"]["weight"] = -1
     with pytest.raises(ConfigError, match="method.preserve.weight"):
         parse(SequenceConfig, data)
