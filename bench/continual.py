@@ -329,8 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                 "set": sorted(args.set), **({"kind": args.kind} if args.kind else {})}
     earlier = _earlier_runs(prefix + ".json", settings, seeds) if args.add_seeds else None
     runs = [run_seed(args, s, bench, base_dir, judge, prefix) for s in seeds]
+    base = base_record(base_dir)
     for r in runs:  # per run: a base rebuilt on another CPU family differs at rounding level (BENCHMARKS.md)
-        r["base"] = base_record(base_dir)
+        r["base"] = base
     cmd = "stamina bench continual " + " ".join(a if " " not in a else repr(a) for a in (argv or sys.argv[1:]))
     wall = time.perf_counter() - t0
     if earlier is not None:

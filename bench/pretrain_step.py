@@ -42,7 +42,7 @@ def _setup(channels_last: bool, workdir: str):
     ids = b.tokenize(uniq)
     opt = torch.optim.AdamW([{"params": list(unet.parameters())}, {"params": list(te.parameters())}],
                             lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
-    return cfg, images, unet, te, ids, len(uniq), opt, b.noise_scheduler
+    return images, unet, te, ids, len(uniq), opt, b.noise_scheduler
 
 
 def measure(threads: list[int], batches: list[int], repeats: int, compile_: bool, workdir: str) -> list[dict]:
@@ -51,7 +51,7 @@ def measure(threads: list[int], batches: list[int], repeats: int, compile_: bool
 
     variants = []
     for cl in (False, True):
-        cfg, images, unet, te, ids, n_caps, opt, ns = _setup(cl, os.path.join(workdir, f"cl{int(cl)}"))
+        images, unet, te, ids, n_caps, opt, ns = _setup(cl, os.path.join(workdir, f"cl{int(cl)}"))
 
         def fwd(noisy, t, idb, noise, unet=unet, te=te):
             return F.mse_loss(unet(noisy, t, encoder_hidden_states=te(idb)[0]).sample, noise)
@@ -64,14 +64,14 @@ def measure(threads: list[int], batches: list[int], repeats: int, compile_: bool
                 for bs in batches:
                     variants.append({"threads": th, "batch": bs, "channels_last": cl, "mode": name, "fn": fn,
                                      "opt": opt, "images": images, "ids": ids, "n_caps": n_caps, "ns": ns,
-                                     "times": [], "first_s": None, "memory_format": cl})
+                                     "times": [], "first_s": None})
 
     def step(v, i):
         g = torch.Generator().manual_seed(i)
         bs = v["batch"]
         idx = torch.randint(0, len(v["images"]), (bs,), generator=g)
         x = v["images"][idx]
-        if v["memory_format"]:
+        if v["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         noise = torch.randn(x.shape, generator=g)
         t = torch.randint(0, v["ns"].config.num_train_timesteps, (bs,), generator=g)
@@ -88,13 +88,9 @@ def measure(threads: list[int], batches: list[int], repeats: int, compile_: bool
         v["first_s"] = step(v, 0)
         for i in range(1, 3):
             step(v, i)
-    try:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        it = tqdm(range(repeats), desc="rounds", unit="round")
-    except ImportError:  # pragma: no cover
-        it = range(repeats)
-    for i in it:
+    for i in tqdm(range(repeats), desc="rounds", unit="round"):
         for v in variants:
             v["times"].append(step(v, 100 + i))
     out = []

@@ -102,6 +102,10 @@ class TrainConceptInput(StrictModel):
         None, description="sha256 of each parent delta.safetensors; lets a warm worker keep its folded model "
         "(computed from parent_deltas when not given). Not part of the config hash.")
 
+    def preserved_prompts(self) -> list[str]:
+        """The prompts method.preserve actually holds still: ``preserve_prompts`` while the term is on, else none."""
+        return list(self.preserve_prompts) if self.method.preserve.weight > 0 else []
+
     def config_hash(self) -> str:
         """Hash of everything that determines the trained delta (not resources, storage or output paths).
 
@@ -113,7 +117,7 @@ class TrainConceptInput(StrictModel):
         ident["base"] = self.base_digest or self.base_dir
         ident["parents"] = self.parent_digests if self.parent_digests is not None else self.parent_deltas
         if self.method.preserve.weight > 0:  # off: the prompts change nothing, and older run names stay valid
-            ident["preserve_prompts"] = list(self.preserve_prompts)
+            ident["preserve_prompts"] = self.preserved_prompts()
         return config_hash(_Ident(ident=ident))
 
     def run_name(self) -> str:
@@ -423,7 +427,7 @@ def _train_one(inp: TrainConceptInput, eval_req: dict | None, held: _Held, rank:
         held_before = (held.key, held.bundle, held.reference)
         held.drop()  # while training, the model is not in a known state until it folds
         state = begin_concept(get(inp.method.name), inp.method, bundle.unet, bundle.text_encoder, bundle.tokenizer,
-                              inp.concept.token, reference, preserve_prompts=inp.preserve_prompts)
+                              inp.concept.token, reference, preserve_prompts=inp.preserved_prompts())
         timings["model_s"] = time.perf_counter() - t0
 
         t_loop = time.perf_counter()
@@ -498,7 +502,7 @@ def _train_one(inp: TrainConceptInput, eval_req: dict | None, held: _Held, rank:
             _write_json(os.path.join(final, "losses.json"), {
                 "losses": res.losses, "penalties": res.penalties, "steps": res.steps, "resumed_from": res.resumed_from,
                 # what method.preserve held still (audit: the chain's earlier prompts reached this worker)
-                "preserve_prompts": list(inp.preserve_prompts) if inp.method.preserve.weight > 0 else []})
+                "preserve_prompts": inp.preserved_prompts()})
             files = list(FINAL_FILES)
             if eval_req is not None:
                 from components.evaluate import EvalRequest, evaluate_step
