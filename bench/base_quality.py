@@ -8,6 +8,14 @@ given. If the base cannot draw a kind of image, concepts of that kind cannot be 
 images either. The scale with the best mean accuracy over the base classes is the benchmark's sampling
 guidance (chosen on base classes, before any concept is learned).
 Writes bench/results/base_quality.json and the `base_quality` section of RESULTS.md.
+
+    .venv/bin/python bench/base_quality.py --base-steps 1500 --base-threads 2 --guidance 1.5 \
+        --out bench/results/base-recipes/base_quality-1500.json
+    .venv/bin/python bench/base_quality.py --recipes-table bench/results/base-recipes
+
+scores another pretraining recipe (each JSON records the recipe and its pretraining wall time, from the
+base's ``pretrain.json``); ``--recipes-table`` writes the ``base_recipes`` section of RESULTS.md from a folder
+of such files.
 """
 
 from __future__ import annotations
@@ -23,15 +31,53 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench.common import RESULTS_DIR, machine_info, update_markdown_section, write_json  # noqa: E402
+from bench.common import RESULTS_DIR, add_base_args, base_pretrain_config, machine_info, update_markdown_section, write_json  # noqa: E402
 from components.model_io import default_cache_dir  # noqa: E402
 from stamina_core.data.benchmark import BenchmarkConfig, ContinualBenchmark  # noqa: E402
 from stamina_core.eval.judge import train_judge  # noqa: E402
 from stamina_core.models import load_model  # noqa: E402
-from stamina_core.pretrain import PretrainConfig, pretrain_tiny  # noqa: E402
+from stamina_core.pretrain import pretrain_tiny  # noqa: E402
 from stamina_core.sample import sample  # noqa: E402
 
 RESULTS_MD = os.path.join(os.path.dirname(HERE), "RESULTS.md")
+
+
+def pretrain_record(base_dir: str) -> dict:
+    """The recipe and cost of a base, from its ``pretrain.json``: steps, threads, snr_gamma, wall time, final loss."""
+    import json
+
+    with open(os.path.join(base_dir, "pretrain.json")) as f:
+        info = json.load(f)
+    cfg = info.get("config", {})
+    return {"steps": info.get("steps"), "threads": info.get("torch_threads", cfg.get("threads")),
+            "snr_gamma": cfg.get("snr_gamma"), "learning_rate": cfg.get("learning_rate"),
+            "batch": cfg.get("train_batch_size"), "wall_s": info.get("wall_s"),
+            "final_loss_mean_last_100": info.get("final_loss_mean_last_100")}
+
+
+def recipes_table(folder: str) -> str:
+    """One row per base_quality JSON in ``folder``: the recipe, its pretraining minutes and what it draws."""
+    import json
+
+    rows = []
+    for fn in sorted(os.listdir(folder)):
+        if not fn.endswith(".json"):
+            continue
+        with open(os.path.join(folder, fn)) as f:
+            r = json.load(f)
+        pr = r.get("pretrain") or {}
+        for e in r["sweep"]:
+            steps, batch = pr.get("steps") or 0, pr.get("batch") or 0
+            rows.append((steps * batch, steps, str(pr.get("snr_gamma")), str(pr.get("learning_rate")), e["guidance"],
+                         f"| `{os.path.basename(r['base_dir'])}` | {steps} | {batch} | {steps * batch} | "
+                         f"{pr.get('learning_rate', float('nan')):g} | {pr.get('threads')} | {pr.get('snr_gamma') or '–'} | "
+                         f"{pr['wall_s'] / 60:.1f} | {pr.get('final_loss_mean_last_100', float('nan')):.4f} | "
+                         f"{e['guidance']:g} | {e['by_kind'].get('animal', float('nan')):.2f} | "
+                         f"{e['by_kind'].get('glyph', float('nan')):.2f} | {e['mean']:.2f} | `{r['command']}` |"))
+    head = ("| base | steps | batch | samples seen | peak lr | threads | snr_gamma | pretraining wall min (its "
+            "`pretrain.json`) | final loss (mean of last 100 steps) | CFG | animals (5) | glyphs (35) | all 40 | "
+            "command |\n|" + "---|" * 14)
+    return head + "\n" + "\n".join(r[-1] for r in sorted(rows, key=lambda x: x[:-1]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +90,18 @@ def main(argv: list[str] | None = None) -> int:
                         "'chosen' (the benchmark's --guidance is set from it, on base classes only, never on concepts)")
     p.add_argument("--glyph-style", default=None, choices=["plain", "clean"], help="BenchmarkConfig.glyph_style (default: its default)")
     p.add_argument("--word-tokens", action="store_true", help="the base pretrained with one token per caption word")
+    add_base_args(p)
     p.add_argument("--out", default=None, help="JSON path (default bench/results/base_quality.json; other paths skip RESULTS.md)")
+    p.add_argument("--recipes-table", metavar="DIR", default=None,
+                   help="only tabulate the base_quality JSONs in DIR (one per recipe) into RESULTS.md's base_recipes section")
     args = p.parse_args(argv)
+    if args.recipes_table:
+        if not os.path.isdir(args.recipes_table):
+            raise SystemExit(f"--recipes-table: {args.recipes_table} is not a folder")
+        body = recipes_table(args.recipes_table)
+        update_markdown_section(RESULTS_MD, "base_recipes", body)
+        print(body)
+        return 0
     try:
         scales = [float(g) for g in args.guidance.split(",") if g.strip()]
     except ValueError:
@@ -57,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = default_cache_dir()
     bcfg = BenchmarkConfig(**({"glyph_style": args.glyph_style} if args.glyph_style else {}))
     bench = ContinualBenchmark(bcfg)
-    pcfg = PretrainConfig(benchmark=bcfg, word_tokens=args.word_tokens)
+    pcfg = base_pretrain_config(args, benchmark=bcfg.model_dump(), word_tokens=args.word_tokens)
     base_dir = pretrain_tiny(pcfg, cache_dir=os.path.join(cache, "pretrained"), progress=True)
     bundle = load_model(base_dir)
     judge = train_judge(bench, cache_dir=cache)
@@ -75,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                       "to_none": float(np.mean([r["to_none"] for r in rows]))})
         print(f"guidance {g}: {by_kind} mean {sweep[-1]['mean']:.3f}", flush=True)
     best = max(sweep, key=lambda e: e["mean"])
-    out = {"base_dir": base_dir, "pretrain_config_hash": pcfg.hash(), "glyph_style": bcfg.glyph_style,
+    out = {"base_dir": base_dir, "pretrain_config_hash": pcfg.hash(), "pretrain": pretrain_record(base_dir),
+           "glyph_style": bcfg.glyph_style,
            "samples": args.samples, "sample_steps": args.sample_steps, "sweep": sweep, "chosen_guidance": best["guidance"],
            # the chosen scale's figures at the top level (the layout readers of the single-scale file used)
            "guidance": best["guidance"], "rows": best["rows"], "by_kind": best["by_kind"],

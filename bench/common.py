@@ -293,3 +293,54 @@ def update_markdown_section(path: str, name: str, body: str, header: str = "") -
 def python_child(script: str, *args: str) -> list[str]:
     """argv for running ``script`` with this interpreter (the venv's python)."""
     return [sys.executable, script, *args]
+
+
+# -- which base model a benchmark runs on ---------------------------------------------------------
+
+# The base of every table written before session 9: 2400 pretraining steps on 1 thread (tiny-f4f0e6d5b69f).
+BASE_2400 = {"max_train_steps": 2400, "threads": 1}
+LEGACY_BASE_KEY = "tiny-f4f0e6d5b69f"
+
+
+def add_base_args(p) -> None:
+    """``--base-set FIELD=VALUE``: pretrain (or reuse) another base than ``PretrainConfig()``'s."""
+    p.add_argument("--base-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="PretrainConfig override of the base, repeatable (e.g. max_train_steps=2400, threads=1, "
+                        "snr_gamma=5, learning_rate=2e-3); 'max_train_steps=2400' with 'threads=1' is the base of "
+                        "the tables before session 9")
+
+
+def base_argv(args) -> list[str]:
+    """``--base-set`` as given, to pass on to a child benchmark."""
+    return [a for s in getattr(args, "base_set", []) for a in ("--base-set", s)]
+
+
+def base_pretrain_config(args, **fields):
+    """The validated ``PretrainConfig`` of ``--base-set`` (plus ``fields``); one clear line (SystemExit) naming
+    the field on a bad value or an unknown field."""
+    from stamina_core.config import parse
+    from stamina_core.errors import ConfigError
+    from stamina_core.pretrain import PretrainConfig
+
+    upd = dict(fields)
+    for item in getattr(args, "base_set", []):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--base-set: expected FIELD=VALUE, got {item!r}")
+        try:
+            val = json.loads(raw)
+        except ValueError:
+            val = raw
+        upd[key.strip()] = val
+    try:
+        return parse(PretrainConfig, upd, source="--base-set")
+    except ConfigError as e:
+        raise SystemExit(str(e))
+
+
+def base_key(result: dict) -> str:
+    """The cache folder name (``tiny-<config hash>``) of the base a ``continual-*.json`` ran on; files written
+    before runs recorded their base (session 8) all ran on the 2400-step base."""
+    runs = result.get("runs") or [{}]
+    b = runs[0].get("base")
+    return os.path.basename(b["dir"].rstrip("/")) if b and b.get("dir") else LEGACY_BASE_KEY

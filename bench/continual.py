@@ -30,7 +30,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench.common import RESULTS_DIR, continual_results, density_column, machine_info, mean_std, update_markdown_section, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESULTS_DIR, add_base_args, base_key, base_pretrain_config, continual_results, density_column, machine_info, mean_std,
+    update_markdown_section, write_json,
+)
 from stamina_core.config import MethodConfig, config_hash, parse  # noqa: E402
 from stamina_core.continual import ConceptItem, run_continual  # noqa: E402
 from stamina_core.data.benchmark import BenchmarkConfig, ContinualBenchmark, to_tensor_range  # noqa: E402
@@ -39,7 +42,7 @@ from stamina_core.eval.judge import train_judge  # noqa: E402
 from stamina_core.eval.metrics import ContinualMatrix  # noqa: E402
 from stamina_core.eval.plots import plot_curves, plot_matrix, sample_grid  # noqa: E402
 from stamina_core.models import load_model  # noqa: E402
-from stamina_core.pretrain import PretrainConfig, pretrain_tiny  # noqa: E402
+from stamina_core.pretrain import pretrain_tiny  # noqa: E402
 from stamina_core.train import ConceptData  # noqa: E402
 
 RESULTS_MD = os.path.join(os.path.dirname(HERE), "RESULTS.md")
@@ -164,8 +167,9 @@ def base_record(base_dir: str) -> dict:
             "cpu_model": machine_info().get("cpu_model")}
 
 
-def _earlier_runs(path: str, settings: dict, seeds: list[int]) -> dict | None:
-    """The result file a --add-seeds run extends (None if there is none yet); it must share every setting."""
+def _earlier_runs(path: str, settings: dict, seeds: list[int], base: str) -> dict | None:
+    """The result file a --add-seeds run extends (None if there is none yet); it must share every setting and
+    the base model (``base``: its cache folder name)."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -173,6 +177,9 @@ def _earlier_runs(path: str, settings: dict, seeds: list[int]) -> dict | None:
     diff = [k for k, v in settings.items() if old.get(k, [] if k == "set" else None) != v]
     if diff:
         raise SystemExit(f"--add-seeds: {path} was run with other settings ({', '.join(diff)}); use another --tag")
+    if base_key(old) != base:
+        raise SystemExit(f"--add-seeds: {path} ran on base {base_key(old)}, this run on {base}; "
+                         "pass its --base-steps/--base-threads or use another --tag")
     again = sorted(set(seeds) & {r["seed"] for r in old["runs"]})
     if again:
         raise SystemExit(f"--add-seeds: {path} already has seed(s) {again}")
@@ -210,12 +217,13 @@ def results_table(results_dir: str = RESULTS_DIR) -> str:
             f"{mean_std([s['P_last'] for s in sa])} | {_kind(runs, 'animal')} | {_kind(runs, 'glyph')} | "
             f"{mean_std([s['A'] for s in sk])} | {mean_std([x['pairs']['mean_both'] for x in runs if x.get('pairs')])} | "
             f"{density_column(runs)} | {runs[0]['trainable_params_per_concept']} | {runs[0]['stored_bytes_per_concept']} | "
-            f"{runs[0]['added_inference_params']} | {r['steps']} | {r['wall_s'] / 60:.1f} | `{r['command']}` |"
+            f"{runs[0]['added_inference_params']} | {r['steps']} | {base_key(r).removeprefix('tiny-')} | "
+            f"{r['wall_s'] / 60:.1f} | `{r['command']}` |"
         )
     head = ("| method | concepts | seeds | A (acc ↑) | F (↓) | F_max (↓) | P = mean R[t,t] (↑) | P first→last block | "
             "animals: A / P | glyphs: A / P | "
             "final KID×1e3 (↓) | pairs: both found (↑) | mask density | trainable params / concept | "
-            "stored bytes / concept | added inference params | steps / concept | wall min | command |\n|" + "---|" * 19)
+            "stored bytes / concept | added inference params | steps / concept | base | wall min | command |\n|" + "---|" * 20)
     return head + "\n" + "\n".join(rows)
 
 
@@ -275,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None, help="base model / judge cache (default $STAMINA_CACHE or ~/.cache/stamina)")
     p.add_argument("--results-dir", default=RESULTS_DIR, help="where JSON and plots go (RESULTS.md only for the default)")
     p.add_argument("--smoke", action="store_true", help="tiny benchmark, tiny base and judge: seconds (tests)")
+    add_base_args(p)
     p.add_argument("--tuning-table", metavar="DIR", default=None,
                    help="only print the tuning grid found in DIR (and update RESULTS.md for bench/results/tuning and "
                         "bench/results/tuning-mask)")
@@ -315,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         pcfg = tiny_pretrain_config()
         jcfg = tiny_judge_config()
     else:
-        bench, pcfg, jcfg = ContinualBenchmark(BenchmarkConfig()), PretrainConfig(), None
+        bench, pcfg, jcfg = ContinualBenchmark(BenchmarkConfig()), base_pretrain_config(args), None
     base_dir = pretrain_tiny(pcfg, cache_dir=os.path.join(args.cache_dir, "pretrained"), progress=not args.smoke)
     judge = train_judge(bench, cache_dir=args.cache_dir, cfg=jcfg, progress=not args.smoke)
     ref = judge_reference(judge, bench)
@@ -327,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 "eval": args.eval, "full_every": args.full_every, "samples": args.samples,
                 "sample_steps": args.sample_steps, "guidance": args.guidance, "tuning": args.tuning,
                 "set": sorted(args.set), **({"kind": args.kind} if args.kind else {})}
-    earlier = _earlier_runs(prefix + ".json", settings, seeds) if args.add_seeds else None
+    earlier = _earlier_runs(prefix + ".json", settings, seeds, os.path.basename(base_dir)) if args.add_seeds else None
     runs = [run_seed(args, s, bench, base_dir, judge, prefix) for s in seeds]
     base = base_record(base_dir)
     for r in runs:  # per run: a base rebuilt on another CPU family differs at rounding level (BENCHMARKS.md)

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import density_column, mean_std, update_markdown_section  # noqa: E402
+from bench.common import add_base_args, base_argv, density_column, mean_std, update_markdown_section  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ABLATION_DIR = os.path.join(HERE, "results", "ablation")
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny benchmark, tiny base and judge, 3 steps (tests)")
     p.add_argument("--cache-dir", default=None, help="passed to bench/continual.py")
     p.add_argument("--table", action="store_true", help="only rebuild the RESULTS.md table from the JSON files")
+    add_base_args(p)
     args = p.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench import continual
 
         for v in names:
-            extra = (["--cache-dir", args.cache_dir] if args.cache_dir else []) + (
+            extra = (["--cache-dir", args.cache_dir] if args.cache_dir else []) + base_argv(args) + (
                 ["--smoke", "--steps", "3", "--samples", "4", "--sample-steps", "2"] if args.smoke else [])
             rc = continual.main(argv_for(v, args.seeds, args.add_seeds, args.results_dir, extra))
             if rc:

@@ -3,7 +3,8 @@
     python bench/delta_scale.py                      # the 50-concept results in bench/results
     python bench/delta_scale.py --results-dir DIR --no-markdown
 
-For every ``continual-*.json`` in the results folder (runs on the current default base, ``PretrainConfig()``),
+For every ``continual-*.json`` in the results folder (each against the base it ran on, ``runs[].base``; files
+from before session 8 ran on the 2400-step base ``tiny-f4f0e6d5b69f``),
 reads the per-concept Frobenius norm of the folded update over all adapted layers (``delta_fro``, recorded by
 ``bench/continual.py``) and divides it by the Frobenius norm of the same layers of the base
 (``||W0||_F`` over the run's ``adapter.targets``). A ratio near or above 1 means every concept rewrites the
@@ -23,7 +24,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench.common import RESULTS_DIR, continual_results, density_column, mean_std, update_markdown_section  # noqa: E402
+from bench.common import RESULTS_DIR, base_key, continual_results, density_column, mean_std, update_markdown_section  # noqa: E402
 
 RESULTS_MD = os.path.join(os.path.dirname(HERE), "RESULTS.md")
 
@@ -41,17 +42,17 @@ def base_target_norm(unet, targets: list[str]) -> float:
 
 
 def rows(results_dir: str, norm_of) -> list[dict]:
-    """One row per result file with per-concept delta norms; ``norm_of(targets)`` gives ||W0||_F."""
+    """One row per result file with per-concept delta norms; ``norm_of(base_key, targets)`` gives ||W0||_F."""
     out = []
     for r in continual_results(results_dir):  # headline rows first, then tagged variants
         runs = [x for x in r["runs"] if x.get("delta_fro")]
         if not runs or not any(any(v > 0 for v in x["delta_fro"]) for x in runs):
             continue  # textual inversion: no weight change
-        w0 = norm_of(tuple(runs[0]["config"]["adapter"]["targets"]))
+        w0 = norm_of(base_key(r), tuple(runs[0]["config"]["adapter"]["targets"]))
         per = np.array([x["delta_fro"] for x in runs], dtype=float) / w0  # seeds x concepts
         name = r["method"] + (f"-{r['tag']}" if r.get("tag") else "")
         out.append({
-            "name": name, "w0": w0, "ratio": per, "seeds": len(runs),
+            "name": name, "base": base_key(r).removeprefix("tiny-"), "w0": w0, "ratio": per, "seeds": len(runs),
             "F_max": [x["summary_accuracy"]["F_max"] for x in runs],
             "A": [x["summary_accuracy"]["A"] for x in runs],
             "P": [x["summary_accuracy"]["P"] for x in runs],
@@ -61,13 +62,13 @@ def rows(results_dir: str, norm_of) -> list[dict]:
 
 
 def table(rs: list[dict]) -> str:
-    head = ("| result | seeds | ‖W0‖_F (adapted layers) | ‖ΔW_t‖ / ‖W0‖ per concept, mean (min–max) | first concept | "
-            "last 10 concepts | mask density | P (↑) | F_max (↓) | A (↑) |\n|" + "---|" * 10)
+    head = ("| result | base | seeds | ‖W0‖_F (adapted layers) | ‖ΔW_t‖ / ‖W0‖ per concept, mean (min–max) | first concept | "
+            "last 10 concepts | mask density | P (↑) | F_max (↓) | A (↑) |\n|" + "---|" * 11)
     lines = [head]
     for r in rs:
         x = r["ratio"]
         lines.append(
-            f"| {r['name']} | {r['seeds']} | {r['w0']:.2f} | {x.mean():.2f} ({x.min():.2f}–{x.max():.2f}) | "
+            f"| {r['name']} | {r['base']} | {r['seeds']} | {r['w0']:.2f} | {x.mean():.2f} ({x.min():.2f}–{x.max():.2f}) | "
             f"{x[:, 0].mean():.2f} | {x[:, -10:].mean():.2f} | {r['density']} | {mean_std(r['P'])} | "
             f"{mean_std(r['F_max'])} | {mean_std(r['A'])} |")
     return "\n".join(lines)
@@ -106,14 +107,23 @@ def main(argv: list[str] | None = None) -> int:
         from components.model_io import default_cache_dir
 
         a.cache_dir = default_cache_dir()
-    from stamina_core.pretrain import PretrainConfig, pretrain_tiny
-
-    base_dir = pretrain_tiny(PretrainConfig(), cache_dir=os.path.join(a.cache_dir, "pretrained"))
     from stamina_core.models import load_model
+    from stamina_core.pretrain import is_complete
 
-    unet = load_model(base_dir).unet
+    unets: dict[str, object] = {}
     cache: dict[tuple, float] = {}
-    rs = rows(a.results_dir, lambda t: cache.setdefault(t, base_target_norm(unet, list(t))))
+
+    def unet_of(key: str):
+        if key not in unets:
+            path = os.path.join(a.cache_dir, "pretrained", key)
+            if not is_complete(path):
+                raise SystemExit(f"{path}: the base a result file ran on is not built here; build it with "
+                                 "'stamina pretrain-tiny' and the --steps/--threads of its command (2400 and 1 for "
+                                 "tiny-f4f0e6d5b69f)")
+            unets[key] = load_model(path).unet
+        return unets[key]
+
+    rs = rows(a.results_dir, lambda key, t: cache.setdefault((key, t), base_target_norm(unet_of(key), list(t))))
     if not rs:
         raise SystemExit(f"{a.results_dir}: no continual-*.json with weight updates")
     body = table(rs)

@@ -42,7 +42,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench.common import RESULTS_DIR, update_markdown_section  # noqa: E402
+from bench.common import RESULTS_DIR, add_base_args, base_pretrain_config, update_markdown_section  # noqa: E402
 
 RESULTS_MD = os.path.join(os.path.dirname(HERE), "RESULTS.md")
 
@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.path.join(RESULTS_DIR, "interference"))
     p.add_argument("--no-markdown", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny benchmark and tiny base (tests)")
+    add_base_args(p)
     p.add_argument("--table", action="store_true", help="only rebuild the RESULTS.md section from OUT.json")
     args = p.parse_args(argv)
     if args.table:
@@ -254,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from stamina_core.data.benchmark import ContinualBenchmark, tiny_benchmark_config
     from stamina_core.paths import default_pretrained_dir
-    from stamina_core.pretrain import PretrainConfig, pretrain_tiny, tiny_pretrain_config
+    from stamina_core.pretrain import pretrain_tiny, tiny_pretrain_config
 
-    bench, pcfg = (ContinualBenchmark(tiny_benchmark_config()), tiny_pretrain_config()) if args.smoke else (None, PretrainConfig())
+    bench, pcfg = (ContinualBenchmark(tiny_benchmark_config()), tiny_pretrain_config()) if args.smoke else (None, base_pretrain_config(args))
     cache = os.path.join(args.cache_dir, "pretrained") if args.cache_dir else default_pretrained_dir()
     base_dir = pretrain_tiny(pcfg, cache_dir=cache, progress=not args.smoke)
     results = []

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench.common import RESULTS_DIR, BenchError, machine_info, write_json  # noqa: E402
+from bench.common import RESULTS_DIR, BenchError, add_base_args, base_pretrain_config, machine_info, write_json  # noqa: E402
 from bench.continual import method_config  # noqa: E402
 from stamina_core.config import config_hash  # noqa: E402
 from stamina_core.data.benchmark import BenchmarkConfig, ContinualBenchmark, to_tensor_range  # noqa: E402
@@ -46,7 +46,7 @@ from stamina_core.eval.evaluate import evaluate_row, judge_reference  # noqa: E4
 from stamina_core.eval.judge import train_judge  # noqa: E402
 from stamina_core.methods import begin_concept, get  # noqa: E402
 from stamina_core.models import load_model  # noqa: E402
-from stamina_core.pretrain import PretrainConfig, pretrain_tiny  # noqa: E402
+from stamina_core.pretrain import pretrain_tiny  # noqa: E402
 from stamina_core.train import ConceptData, train_concept  # noqa: E402
 
 METHOD = "lora_seq"
@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.path.join(RESULTS_DIR, "learnability.json"))
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny benchmark, base and judge (tests)")
+    add_base_args(p)
     p.add_argument("--word-tokens", action="store_true", help="use the base pretrained with one token per caption word")
     args = p.parse_args(argv)
     args.guidance = [float(g) for g in args.guidance.split(",") if g.strip()]
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
         bench, pcfg, jcfg = ContinualBenchmark(tiny_benchmark_config()), tiny_pretrain_config(), tiny_judge_config()
     else:
-        bench, pcfg, jcfg = ContinualBenchmark(BenchmarkConfig()), PretrainConfig(word_tokens=args.word_tokens), None
+        bench, pcfg, jcfg = ContinualBenchmark(BenchmarkConfig()), base_pretrain_config(args, word_tokens=args.word_tokens), None
     base_dir = pretrain_tiny(pcfg, cache_dir=os.path.join(args.cache_dir, "pretrained"), progress=not args.smoke)
     judge = train_judge(bench, cache_dir=args.cache_dir, cfg=jcfg, progress=not args.smoke)
     ref = judge_reference(judge, bench)

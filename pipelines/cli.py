@@ -63,7 +63,7 @@ def cmd_pretrain(args) -> int:
     from stamina_core.paths import default_pretrained_dir
     from stamina_core.pretrain import cli_config, pretrain_tiny
 
-    cfg = cli_config(args.test_config, args.steps, args.seed, args.threads)
+    cfg = cli_config(args.test_config, args.steps, args.seed, args.threads, snr_gamma=args.snr_gamma)
     path = pretrain_tiny(cfg, cache_dir=args.cache_dir or default_pretrained_dir(), progress=True)
     print(path)
     return 0
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--threads", type=int, default=None,
                    help="torch threads while training (default 1: the published base; another count is another base)")
+    s.add_argument("--snr-gamma", type=float, default=None,
+                   help="Min-SNR loss weighting (default off; a value is another base; RESULTS.md 'Base recipes')")
     s.add_argument("--test-config", action="store_true", help="the seconds-long test configuration")
     s.set_defaults(func=cmd_pretrain)
 

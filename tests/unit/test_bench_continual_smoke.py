@@ -78,6 +78,10 @@ def test_seeds_run_apart_are_added_to_one_result_and_mismatches_refused(tmp_path
     with pytest.raises(SystemExit, match="other settings"):
         other = [("3" if a == "2" and base[k - 1] == "--steps" else a) for k, a in enumerate(base)]
         mod["main"](other + ["--seeds", "2", "--add-seeds"])
+    out["runs"][0]["base"]["dir"] = "tiny-another"  # seeds on two bases are not one result either
+    (tmp_path / "continual-textual_inversion.json").write_text(json.dumps(out))
+    with pytest.raises(SystemExit, match="ran on base tiny-another"):
+        mod["main"](base + ["--seeds", "2", "--add-seeds"])
 
 
 def test_ablation_runs_variants_on_one_kind_and_tabulates_them(tmp_path):

@@ -13,23 +13,28 @@ sys.path.insert(0, str(REPO))
 from bench import delta_scale  # noqa: E402
 
 
-def _result(path, method, tag, deltas, targets=("attn2.to_k", "attn2.to_v")):
+def _result(path, method, tag, deltas, targets=("attn2.to_k", "attn2.to_v"), base=None):
     runs = [{"delta_fro": d, "config": {"adapter": {"targets": list(targets)}}, "density_by_type": [],
-             "summary_accuracy": {"A": 0.1, "P": 0.2, "F_max": 0.1}} for d in deltas]
+             "summary_accuracy": {"A": 0.1, "P": 0.2, "F_max": 0.1}, **({"base": {"dir": base}} if base else {})}
+            for d in deltas]
     path.write_text(json.dumps({"method": method, "tag": tag, "runs": runs}))
 
 
 def test_ratio_is_update_norm_over_base_norm_and_token_only_methods_are_skipped(tmp_path):
-    _result(tmp_path / "continual-lora_seq.json", "lora_seq", "", [[4.0, 8.0], [2.0, 6.0]])
+    """Each file is divided by the norm of the base it ran on (``runs[].base``; none recorded = the 2400-step
+    base every file before session 8 ran on)."""
+    _result(tmp_path / "continual-lora_seq.json", "lora_seq", "", [[4.0, 8.0], [2.0, 6.0]], base="tiny-aaa")
     _result(tmp_path / "continual-stamina-sparse.json", "stamina", "sparse", [[1.0, 1.0]])
     _result(tmp_path / "continual-textual_inversion.json", "textual_inversion", "", [[0.0, 0.0]])
     seen = []
-    rs = delta_scale.rows(str(tmp_path), lambda t: seen.append(t) or 2.0)
+    rs = delta_scale.rows(str(tmp_path), lambda key, t: seen.append((key, t)) or (2.0 if key == "tiny-aaa" else 4.0))
     assert [r["name"] for r in rs] == ["lora_seq", "stamina-sparse"]
-    assert seen[0] == ("attn2.to_k", "attn2.to_v")
+    assert seen == [("tiny-aaa", ("attn2.to_k", "attn2.to_v")), ("tiny-f4f0e6d5b69f", ("attn2.to_k", "attn2.to_v"))]
     np.testing.assert_allclose(rs[0]["ratio"], [[2.0, 4.0], [1.0, 3.0]])
+    np.testing.assert_allclose(rs[1]["ratio"], [[0.25, 0.25]])
     tab = delta_scale.table(rs).splitlines()
-    assert tab[2].startswith("| lora_seq | 2 | 2.00 | 2.50 (1.00–4.00) | 1.50 | 2.50 |")  # last 10 = both here
+    assert tab[2].startswith("| lora_seq | aaa | 2 | 2.00 | 2.50 (1.00–4.00) | 1.50 | 2.50 |")  # last 10 = both here
+    assert tab[3].startswith("| stamina-sparse | f4f0e6d5b69f | 1 | 4.00 |")
     delta_scale.plot(rs, str(tmp_path / "d.png"))
     assert (tmp_path / "d.png").stat().st_size > 1000
 

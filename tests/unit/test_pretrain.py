@@ -183,3 +183,25 @@ def test_base_diff_reports_distance_and_rejects_other_architectures(cache, tmp_p
     save_file(w, str(f))
     with pytest.raises(SystemExit, match="different tensors"):
         diff(path, str(other))
+
+
+def test_min_snr_weighting_is_config_and_trains(cache, tmp_path):
+    """snr_gamma (Min-SNR loss weighting) is another base: None leaves the key as it was; a value trains a
+    finite model that differs from the plain-MSE one; a non-positive value is one clear config error."""
+    plain = pt.tiny_pretrain_config()
+    snr = plain.model_copy(update={"snr_gamma": 5.0})
+    assert plain.snr_gamma is None and snr.hash() != plain.hash()
+    assert pt.PretrainConfig(max_train_steps=2400, threads=1).hash() == "f4f0e6d5b69f"
+    path = pt.pretrain_tiny(snr, str(tmp_path), progress=False)
+    info = json.load(open(os.path.join(path, pt.INFO_FILE)))
+    assert info["config"]["snr_gamma"] == 5.0 and all(v == v for v in info["loss_curve"]["values"])
+    a = load_file(os.path.join(cache[1], "unet", "diffusion_pytorch_model.safetensors"))
+    b = load_file(os.path.join(path, "unet", "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(Exception, match="snr_gamma"):
+        pt.cli_config(test_config=True, snr_gamma=0.0)
+    from pipelines.cli import main as cli_main
+
+    out = tmp_path / "cli"
+    assert cli_main(["pretrain-tiny", "--test-config", "--snr-gamma", "5", "--cache-dir", str(out)]) == 0
+    assert os.listdir(out) == [os.path.basename(path)]  # the CLI flag builds the same key as the config above

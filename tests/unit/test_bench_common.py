@@ -1,0 +1,68 @@
+"""bench/common.py: which base a benchmark runs on (``--base-steps`` / ``--base-threads``) and reads back."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bench import common  # noqa: E402
+from stamina_core.pretrain import PretrainConfig  # noqa: E402
+
+
+def _args(*argv):
+    p = argparse.ArgumentParser()
+    common.add_base_args(p)
+    return p.parse_args(list(argv))
+
+
+OLD = ("--base-set", "max_train_steps=2400", "--base-set", "threads=1")
+
+
+def test_base_flags_pick_the_pretraining_config_and_pass_on():
+    assert common.base_pretrain_config(_args()).hash() == PretrainConfig().hash()
+    old = common.base_pretrain_config(_args(*OLD))
+    assert "tiny-" + old.hash() == common.LEGACY_BASE_KEY  # the tables before session 9 can be re-run
+    assert common.base_pretrain_config(_args(*OLD), word_tokens=True).word_tokens
+    cfg = common.base_pretrain_config(_args("--base-set", "snr_gamma=5", "--base-set", "learning_rate=2e-3"))
+    assert cfg.snr_gamma == 5.0 and cfg.learning_rate == 2e-3
+    assert common.base_argv(_args(*OLD)) == list(OLD)
+    assert common.base_argv(_args()) == []
+
+
+@pytest.mark.parametrize("item, field", [("max_train_steps=0", "max_train_steps"), ("bogus=1", "bogus"),
+                                         ("threads", "FIELD=VALUE")])
+def test_a_bad_base_value_is_one_line_naming_the_field(item, field):
+    with pytest.raises(SystemExit, match=field) as e:
+        common.base_pretrain_config(_args("--base-set", item))
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_base_key_of_a_result_defaults_to_the_legacy_base():
+    assert common.base_key({"runs": [{"base": {"dir": "tiny-abc"}}]}) == "tiny-abc"
+    assert common.base_key({"runs": [{"seed": 0}]}) == common.LEGACY_BASE_KEY
+    assert common.base_key({}) == common.LEGACY_BASE_KEY
+
+
+def test_recipes_table_has_one_row_per_recipe_and_scale(tmp_path, monkeypatch):
+    """bench/base_quality.py --recipes-table: each JSON's recipe (from the base's pretrain.json) and scores."""
+    import json
+
+    from bench import base_quality
+
+    def put(name, steps, snr, wall, scores):
+        (tmp_path / name).write_text(json.dumps({
+            "base_dir": f"/c/tiny-{name[:4]}", "command": f"python bench/base_quality.py --base-steps {steps}",
+            "pretrain": {"steps": steps, "batch": 32, "learning_rate": 1e-3, "threads": 2, "snr_gamma": snr,
+                         "wall_s": wall, "final_loss_mean_last_100": 0.06},
+            "sweep": [{"guidance": g, "by_kind": {"animal": a, "glyph": b}, "mean": (a + 35 * b) / 36} for g, a, b in scores]}))
+
+    put("aaaa.json", 2400, None, 1200.0, [(1.5, 0.81, 0.66)])
+    put("bbbb.json", 1500, 5.0, 720.0, [(1.5, 0.5, 0.4), (1.0, 0.3, 0.2)])
+    lines = base_quality.recipes_table(str(tmp_path)).splitlines()
+    assert len(lines) == 5 and lines[0].startswith("| base | steps | batch | samples seen |")
+    assert lines[2].startswith("| `tiny-bbbb` | 1500 | 32 | 48000 | 0.001 | 2 | 5.0 | 12.0 | 0.0600 | 1 | 0.30 | 0.20 |")
+    assert lines[4].startswith("| `tiny-aaaa` | 2400 | 32 | 76800 | 0.001 | 2 | – | 20.0 | 0.0600 | 1.5 | 0.81 | 0.66 |")
