@@ -83,6 +83,9 @@ bench-continual-variants: install
 	# rows ran seed by seed with --add-seeds, sessions 7-8)
 	$(CONTINUAL) $(BASE2400) --method stamina --tag preserve --seeds 0,1,2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 --set preserve.weight=0.1
 	$(CONTINUAL) $(BASE2400) --method lora_seq --tag preserve --seeds 0,1,2 --set train.learning_rate=3e-2 --set token.learning_rate=1.5e-1 --set preserve.weight=0.1
+	# session 9: the same with 300 steps per concept (seed 0 recorded so far; about 55 min per seed on one thread)
+	$(PY) bench/continual.py --concepts 50 --steps 300 --eval diagonal_and_final --threads 1 $(BASE2400) --method stamina --tag preserve-300 --seeds 0,1,2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 --set preserve.weight=0.1
+	$(PY) bench/continual.py --concepts 50 --steps 300 --eval diagonal_and_final --threads 1 $(BASE2400) --method lora_seq --tag preserve-300 --seeds 0,1,2 --set train.learning_rate=3e-2 --set token.learning_rate=1.5e-1 --set preserve.weight=0.1
 	$(PY) bench/delta_scale.py
 
 # The tuning grid (5 separate tuning concepts, seed 100; never the reported sequence): 4 settings per adapter method

@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                                                else f" --results-dir {a.results_dir}")
         update_markdown_section(
             RESULTS_MD, "delta_scale",
-            f"Command: `{cmd}` (base `{os.path.basename(base_dir)}`; plot: `{os.path.relpath(png, os.path.dirname(HERE))}`).\n\n"
+            f"Command: `{cmd}` (each row against the base it ran on, `base` column; plot: "
+            f"`{os.path.relpath(png, os.path.dirname(HERE))}`).\n\n"
             + body)
     print(body)
     print(f"plot -> {png}")

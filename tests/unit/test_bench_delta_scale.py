@@ -51,3 +51,22 @@ def test_base_norm_covers_exactly_the_targeted_layers(micro_bundle):
 def test_missing_results_folder_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="is not a folder of results"):
         delta_scale.main(["--results-dir", str(tmp_path / "nope"), "--no-markdown"])
+
+
+def test_main_reads_each_files_base_from_the_cache_and_writes_the_section(tmp_path, monkeypatch):
+    """End to end on the tiny base: the base named by the result file is loaded from --cache-dir, the
+    RESULTS.md section is written; a file naming a base that is not built is one clear error."""
+    from stamina_core.pretrain import pretrain_tiny, tiny_pretrain_config
+
+    base = pretrain_tiny(tiny_pretrain_config(), str(tmp_path / "cache" / "pretrained"), progress=False)
+    res = tmp_path / "res"
+    res.mkdir()
+    _result(res / "continual-lora_seq.json", "lora_seq", "", [[1.0, 2.0]], base=Path(base).name)
+    md = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(delta_scale, "RESULTS_MD", str(md))
+    assert delta_scale.main(["--results-dir", str(res), "--cache-dir", str(tmp_path / "cache")]) == 0
+    text = md.read_text()
+    assert "<!-- delta_scale:start -->" in text and f"| lora_seq | {Path(base).name[5:]} | 1 |" in text
+    _result(res / "continual-stamina.json", "stamina", "", [[1.0, 2.0]], base="tiny-notbuilt")
+    with pytest.raises(SystemExit, match="tiny-notbuilt"):
+        delta_scale.main(["--results-dir", str(res), "--cache-dir", str(tmp_path / "cache"), "--no-markdown"])
