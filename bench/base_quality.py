@@ -9,7 +9,7 @@ images either. The scale with the best mean accuracy over the base classes is th
 guidance (chosen on base classes, before any concept is learned).
 Writes bench/results/base_quality.json and the `base_quality` section of RESULTS.md.
 
-    .venv/bin/python bench/base_quality.py --base-steps 1500 --base-threads 2 --guidance 1.5 \
+    .venv/bin/python bench/base_quality.py --base-set max_train_steps=1500 --base-set threads=2 --guidance 1.5 \
         --out bench/results/base-recipes/base_quality-1500.json
     .venv/bin/python bench/base_quality.py --recipes-table bench/results/base-recipes
 

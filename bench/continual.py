@@ -179,7 +179,7 @@ def _earlier_runs(path: str, settings: dict, seeds: list[int], base: str) -> dic
         raise SystemExit(f"--add-seeds: {path} was run with other settings ({', '.join(diff)}); use another --tag")
     if base_key(old) != base:
         raise SystemExit(f"--add-seeds: {path} ran on base {base_key(old)}, this run on {base}; "
-                         "pass its --base-steps/--base-threads or use another --tag")
+                         "pass its --base-set or use another --tag")
     again = sorted(set(seeds) & {r["seed"] for r in old["runs"]})
     if again:
         raise SystemExit(f"--add-seeds: {path} already has seed(s) {again}")

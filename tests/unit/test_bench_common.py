@@ -1,4 +1,4 @@
-"""bench/common.py: which base a benchmark runs on (``--base-steps`` / ``--base-threads``) and reads back."""
+"""bench/common.py: which base a benchmark runs on (``--base-set FIELD=VALUE``) and reads back."""
 
 import argparse
 import sys
@@ -55,7 +55,7 @@ def test_recipes_table_has_one_row_per_recipe_and_scale(tmp_path, monkeypatch):
 
     def put(name, steps, snr, wall, scores):
         (tmp_path / name).write_text(json.dumps({
-            "base_dir": f"/c/tiny-{name[:4]}", "command": f"python bench/base_quality.py --base-steps {steps}",
+            "base_dir": f"/c/tiny-{name[:4]}", "command": f"python bench/base_quality.py --base-set max_train_steps={steps}",
             "pretrain": {"steps": steps, "batch": 32, "learning_rate": 1e-3, "threads": 2, "snr_gamma": snr,
                          "wall_s": wall, "final_loss_mean_last_100": 0.06},
             "sweep": [{"guidance": g, "by_kind": {"animal": a, "glyph": b}, "mean": (a + 35 * b) / 36} for g, a, b in scores]}))
