@@ -21,6 +21,7 @@ of such files.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -44,8 +45,6 @@ RESULTS_MD = os.path.join(os.path.dirname(HERE), "RESULTS.md")
 
 def pretrain_record(base_dir: str) -> dict:
     """The recipe and cost of a base, from its ``pretrain.json``: steps, threads, snr_gamma, wall time, final loss."""
-    import json
-
     with open(os.path.join(base_dir, "pretrain.json")) as f:
         info = json.load(f)
     cfg = info.get("config", {})
@@ -57,8 +56,6 @@ def pretrain_record(base_dir: str) -> dict:
 
 def recipes_table(folder: str) -> str:
     """One row per base_quality JSON in ``folder``: the recipe, its pretraining minutes and what it draws."""
-    import json
-
     rows = []
     for fn in sorted(os.listdir(folder)):
         if not fn.endswith(".json"):

@@ -297,8 +297,7 @@ def python_child(script: str, *args: str) -> list[str]:
 
 # -- which base model a benchmark runs on ---------------------------------------------------------
 
-# The base of every table written before session 9: 2400 pretraining steps on 1 thread (tiny-f4f0e6d5b69f).
-BASE_2400 = {"max_train_steps": 2400, "threads": 1}
+# The base of every table written before session 9: 2400 pretraining steps on 1 thread.
 LEGACY_BASE_KEY = "tiny-f4f0e6d5b69f"
 
 
@@ -317,7 +316,7 @@ def base_argv(args) -> list[str]:
 
 def base_pretrain_config(args, **fields):
     """The validated ``PretrainConfig`` of ``--base-set`` (plus ``fields``); one clear line (SystemExit) naming
-    the field on a bad value or an unknown field."""
+    the field on a bad value or an unknown field. Values stay strings for pydantic to coerce, as for ``--set``."""
     from stamina_core.config import parse
     from stamina_core.errors import ConfigError
     from stamina_core.pretrain import PretrainConfig
@@ -327,11 +326,7 @@ def base_pretrain_config(args, **fields):
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise SystemExit(f"--base-set: expected FIELD=VALUE, got {item!r}")
-        try:
-            val = json.loads(raw)
-        except ValueError:
-            val = raw
-        upd[key.strip()] = val
+        upd[key.strip()] = raw
     try:
         return parse(PretrainConfig, upd, source="--base-set")
     except ConfigError as e:
