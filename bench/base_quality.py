@@ -44,14 +44,16 @@ RESULTS_MD = os.path.join(os.path.dirname(HERE), "RESULTS.md")
 
 
 def pretrain_record(base_dir: str) -> dict:
-    """The recipe and cost of a base, from its ``pretrain.json``: steps, threads, snr_gamma, wall time, final loss."""
+    """The recipe and cost of a base, from its ``pretrain.json``: steps, threads, snr_gamma, UNet widths, wall time,
+    final loss."""
     with open(os.path.join(base_dir, "pretrain.json")) as f:
         info = json.load(f)
     cfg = info.get("config", {})
     return {"steps": info.get("steps"), "threads": info.get("torch_threads", cfg.get("threads")),
             "snr_gamma": cfg.get("snr_gamma"), "learning_rate": cfg.get("learning_rate"),
             "batch": cfg.get("train_batch_size"), "wall_s": info.get("wall_s"),
-            "final_loss_mean_last_100": info.get("final_loss_mean_last_100")}
+            "final_loss_mean_last_100": info.get("final_loss_mean_last_100"),
+            "unet_widths": (cfg.get("model") or {}).get("block_out_channels")}
 
 
 def recipes_table(folder: str) -> str:
@@ -65,15 +67,16 @@ def recipes_table(folder: str) -> str:
         pr = r.get("pretrain") or {}
         for e in r["sweep"]:
             steps, batch = pr.get("steps") or 0, pr.get("batch") or 0
-            rows.append((steps * batch, steps, str(pr.get("snr_gamma")), str(pr.get("learning_rate")), e["guidance"],
-                         f"| `{os.path.basename(r['base_dir'])}` | {steps} | {batch} | {steps * batch} | "
+            widths = ",".join(map(str, pr.get("unet_widths") or [32, 64, 64]))  # records before session 10: default
+            rows.append((steps * batch, steps, str(pr.get("snr_gamma")), str(pr.get("learning_rate")), widths, e["guidance"],
+                         f"| `{os.path.basename(r['base_dir'])}` | {widths} | {steps} | {batch} | {steps * batch} | "
                          f"{pr.get('learning_rate', float('nan')):g} | {pr.get('threads')} | {pr.get('snr_gamma') or '–'} | "
                          f"{pr['wall_s'] / 60:.1f} | {pr.get('final_loss_mean_last_100', float('nan')):.4f} | "
                          f"{e['guidance']:g} | {e['by_kind'].get('animal', float('nan')):.2f} | "
                          f"{e['by_kind'].get('glyph', float('nan')):.2f} | {e['mean']:.2f} | `{r['command']}` |"))
-    head = ("| base | steps | batch | samples seen | peak lr | threads | snr_gamma | pretraining wall min (its "
-            "`pretrain.json`) | final loss (mean of last 100 steps) | CFG | animals (5) | glyphs (35) | all 40 | "
-            "command |\n|" + "---|" * 14)
+    head = ("| base | UNet widths | steps | batch | samples seen | peak lr | threads | snr_gamma | pretraining wall min "
+            "(its `pretrain.json`) | final loss (mean of last 100 steps) | CFG | animals (5) | glyphs (35) | all 40 | "
+            "command |\n|" + "---|" * 15)
     return head + "\n" + "\n".join(r[-1] for r in sorted(rows, key=lambda x: x[:-1]))
 
 

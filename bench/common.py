@@ -316,7 +316,8 @@ def base_argv(args) -> list[str]:
 
 def base_pretrain_config(args, **fields):
     """The validated ``PretrainConfig`` of ``--base-set`` (plus ``fields``); one clear line (SystemExit) naming
-    the field on a bad value or an unknown field. Values stay strings for pydantic to coerce, as for ``--set``."""
+    the field on a bad value or an unknown field. Values stay strings for pydantic to coerce, as for ``--set``;
+    a dotted FIELD reaches a nested config and a comma in VALUE makes a list."""
     from stamina_core.config import parse
     from stamina_core.errors import ConfigError
     from stamina_core.pretrain import PretrainConfig
@@ -324,9 +325,15 @@ def base_pretrain_config(args, **fields):
     upd = dict(fields)
     for item in getattr(args, "base_set", []):
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
+        parts = [p.strip() for p in key.split(".")]
+        if not sep or not all(parts):
             raise SystemExit(f"--base-set: expected FIELD=VALUE, got {item!r}")
-        upd[key.strip()] = raw
+        node = upd  # dotted keys reach nested configs, e.g. model.block_out_channels=16,48,48
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SystemExit(f"--base-set: {key.strip()!r}: {p!r} is not a nested config")
+        node[parts[-1]] = raw.split(",") if "," in raw else raw  # a comma makes a list (of strings; pydantic coerces)
     try:
         return parse(PretrainConfig, upd, source="--base-set")
     except ConfigError as e:

@@ -6,7 +6,7 @@ Importing this module (e.g. from ``components.schemas`` in the Ray job driver) m
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..config import StrictModel
 
@@ -33,3 +33,12 @@ class TinyModelConfig(StrictModel):
         description="Whole words that get one token id each (like real CLIP's word tokens); other text stays byte-level.",
     )
     seed: int = Field(0, description="Seed of the random initialisation.")
+
+    @model_validator(mode="after")
+    def _widths_fit_group_norm(self) -> "TinyModelConfig":
+        g = min(32, self.block_out_channels[0])  # bundle.build_tiny's norm_num_groups
+        bad = [c for c in self.block_out_channels if c % g]
+        if bad:
+            raise ValueError(f"block_out_channels {self.block_out_channels}: every width must be a multiple of the "
+                             f"GroupNorm groups min(32, first width) = {g}")
+        return self

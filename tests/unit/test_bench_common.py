@@ -33,8 +33,18 @@ def test_base_flags_pick_the_pretraining_config_and_pass_on():
     assert common.base_argv(_args()) == []
 
 
+def test_dotted_fields_reach_the_model_and_commas_make_lists():
+    cfg = common.base_pretrain_config(_args("--base-set", "model.block_out_channels=16,48,48",
+                                            "--base-set", "model.text_layers=1"))
+    assert cfg.model.block_out_channels == [16, 48, 48] and cfg.model.text_layers == 1
+    assert cfg.hash() != PretrainConfig().hash()
+
+
 @pytest.mark.parametrize("item, field", [("max_train_steps=0", "max_train_steps"), ("bogus=1", "bogus"),
-                                         ("threads", "FIELD=VALUE")])
+                                         ("threads", "FIELD=VALUE"), ("model.nope=1", "model.nope"),
+                                         ("model.block_out_channels=16,x", "block_out_channels"),
+                                         ("model.block_out_channels=32,48,48", "GroupNorm"),
+                                         ("model..x=1", "FIELD=VALUE")])
 def test_a_bad_base_value_is_one_line_naming_the_field(item, field):
     with pytest.raises(SystemExit, match=field) as e:
         common.base_pretrain_config(_args("--base-set", item))
@@ -53,16 +63,21 @@ def test_recipes_table_has_one_row_per_recipe_and_scale(tmp_path, monkeypatch):
 
     from bench import base_quality
 
-    def put(name, steps, snr, wall, scores):
+    def put(name, steps, snr, wall, scores, widths=None):
+        pr = {"steps": steps, "batch": 32, "learning_rate": 1e-3, "threads": 2, "snr_gamma": snr,
+              "wall_s": wall, "final_loss_mean_last_100": 0.06}
+        if widths:  # records from session 10 on name the UNet widths; older ones ran on the default
+            pr["unet_widths"] = widths
         (tmp_path / name).write_text(json.dumps({
             "base_dir": f"/c/tiny-{name[:4]}", "command": f"python bench/base_quality.py --base-set max_train_steps={steps}",
-            "pretrain": {"steps": steps, "batch": 32, "learning_rate": 1e-3, "threads": 2, "snr_gamma": snr,
-                         "wall_s": wall, "final_loss_mean_last_100": 0.06},
+            "pretrain": pr,
             "sweep": [{"guidance": g, "by_kind": {"animal": a, "glyph": b}, "mean": (a + 35 * b) / 36} for g, a, b in scores]}))
 
     put("aaaa.json", 2400, None, 1200.0, [(1.5, 0.81, 0.66)])
     put("bbbb.json", 1500, 5.0, 720.0, [(1.5, 0.5, 0.4), (1.0, 0.3, 0.2)])
+    put("cccc.json", 2400, 5.0, 800.0, [(1.5, 0.7, 0.6)], widths=[16, 48, 48])
     lines = base_quality.recipes_table(str(tmp_path)).splitlines()
-    assert len(lines) == 5 and lines[0].startswith("| base | steps | batch | samples seen |")
-    assert lines[2].startswith("| `tiny-bbbb` | 1500 | 32 | 48000 | 0.001 | 2 | 5.0 | 12.0 | 0.0600 | 1 | 0.30 | 0.20 |")
-    assert lines[4].startswith("| `tiny-aaaa` | 2400 | 32 | 76800 | 0.001 | 2 | – | 20.0 | 0.0600 | 1.5 | 0.81 | 0.66 |")
+    assert len(lines) == 6 and lines[0].startswith("| base | UNet widths | steps | batch | samples seen |")
+    assert lines[2].startswith("| `tiny-bbbb` | 32,64,64 | 1500 | 32 | 48000 | 0.001 | 2 | 5.0 | 12.0 | 0.0600 | 1 | 0.30 | 0.20 |")
+    assert lines[4].startswith("| `tiny-cccc` | 16,48,48 | 2400 | 32 | 76800 | 0.001 | 2 | 5.0 | 13.3 | 0.0600 | 1.5 | 0.70 | 0.60 |")
+    assert lines[5].startswith("| `tiny-aaaa` | 32,64,64 | 2400 | 32 | 76800 | 0.001 | 2 | – | 20.0 | 0.0600 | 1.5 | 0.81 | 0.66 |")
