@@ -317,7 +317,7 @@ def base_argv(args) -> list[str]:
 def base_pretrain_config(args, **fields):
     """The validated ``PretrainConfig`` of ``--base-set`` (plus ``fields``); one clear line (SystemExit) naming
     the field on a bad value or an unknown field. Values stay strings for pydantic to coerce, as for ``--set``;
-    a dotted FIELD reaches a nested config and a comma in VALUE makes a list."""
+    a dotted FIELD reaches a nested config, a comma in VALUE makes a list and ``none`` is None."""
     from stamina_core.config import parse
     from stamina_core.errors import ConfigError
     from stamina_core.pretrain import PretrainConfig
@@ -333,7 +333,10 @@ def base_pretrain_config(args, **fields):
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise SystemExit(f"--base-set: {key.strip()!r}: {p!r} is not a nested config")
-        node[parts[-1]] = raw.split(",") if "," in raw else raw  # a comma makes a list (of strings; pydantic coerces)
+        if raw.strip().lower() in ("none", "null"):
+            node[parts[-1]] = None  # an optional field back at None (e.g. snr_gamma=none: plain MSE)
+        else:
+            node[parts[-1]] = raw.split(",") if "," in raw else raw  # a comma makes a list (strings; pydantic coerces)
     try:
         return parse(PretrainConfig, upd, source="--base-set")
     except ConfigError as e:

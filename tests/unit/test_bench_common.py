@@ -38,6 +38,7 @@ def test_dotted_fields_reach_the_model_and_commas_make_lists():
                                             "--base-set", "model.text_layers=1"))
     assert cfg.model.block_out_channels == [16, 48, 48] and cfg.model.text_layers == 1
     assert cfg.hash() != PretrainConfig().hash()
+    assert common.base_pretrain_config(_args("--base-set", "snr_gamma=5", "--base-set", "snr_gamma=none")).snr_gamma is None
 
 
 @pytest.mark.parametrize("item, field", [("max_train_steps=0", "max_train_steps"), ("bogus=1", "bogus"),
