@@ -40,9 +40,14 @@ test-all: install
 bench: install
 	$(PY) bench/overhead.py
 
-# How well the default base draws its own classes, over CFG scales (RESULTS.md; chooses the benchmark's CFG).
+# Every table in RESULTS.md so far ran on the legacy base tiny-f4f0e6d5b69f (UNet 32,64,64, plain MSE, 2400 steps,
+# 1 thread; PretrainConfig's default until session 10, now `stamina pretrain-tiny --legacy`). The targets that
+# reproduce those tables name it, so the new default (the 15-minute base, RESULTS.md "Base recipes") cannot move them.
+BASE_LEGACY = --base-set max_train_steps=2400 --base-set threads=1 --base-set snr_gamma=none --base-set model.block_out_channels=32,64,64
+
+# How well the legacy base draws its own classes, over CFG scales (RESULTS.md; chooses the benchmark's CFG).
 bench-base-quality: install
-	$(PY) bench/base_quality.py
+	$(PY) bench/base_quality.py $(BASE_LEGACY)
 
 # The reported comparison (RESULTS.md): 50 concepts, 100 steps each, judge on the diagonal and the final row,
 # per-method learning rates chosen by bench-continual-tune, CFG 1.5 chosen on the base's own classes
@@ -50,7 +55,7 @@ bench-base-quality: install
 # About 17 min per method and seed on one thread: two single-thread streams side by side (stamina then clora,
 # lora_seq then textual_inversion), about 1 h 50 min on 2 cores; each stream logs to .stamina/logs/. Then the
 # RESULTS.md table is rebuilt from all JSONs (each process also rewrites it when it ends) and delta_scale runs.
-CONTINUAL = $(PY) bench/continual.py --concepts 50 --steps 100 --eval diagonal_and_final
+CONTINUAL = $(PY) bench/continual.py --concepts 50 --steps 100 --eval diagonal_and_final $(BASE_LEGACY)
 CONTINUAL1 = $(CONTINUAL) --threads 1 --seeds 0,1,2
 LOGS := .stamina/logs
 bench-continual: install
@@ -67,31 +72,28 @@ bench-continual: install
 	$(PY) bench/continual.py --results-table bench/results
 	$(PY) bench/delta_scale.py
 
-# The tables below ran on the 2400-step, 1-thread base tiny-f4f0e6d5b69f (PretrainConfig's default today); their
-# targets name it, so a change of the default base (a 15-minute recipe, RESULTS.md "Base recipes") cannot move them.
-BASE2400 = --base-set max_train_steps=2400 --base-set threads=1
 
 # Diagnostic variants of the 50-concept table (sessions 6-7; tagged rows, not tuned on these concepts): STAMINA with
 # masks that close (the animal ablation's `sparse`), both adapter methods at a 3x smaller LoRA lr, and STAMINA
 # and both with prompt preservation (lambda_p 0.1; the animal ablation's `preserve` used 1).
 bench-continual-variants: install
-	$(CONTINUAL) $(BASE2400) --method stamina --tag sparse --seeds 0,1,2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 --set mask.sparsity_weight=0.1 --set mask.learning_rate=0.1
-	$(CONTINUAL) $(BASE2400) --method stamina --tag lr3e-3 --seeds 0,1,2 --set train.learning_rate=3e-3 --set token.learning_rate=1.5e-2
-	$(CONTINUAL) $(BASE2400) --method lora_seq --tag lr3e-3 --seeds 0,1,2 --set train.learning_rate=3e-3 --set token.learning_rate=1.5e-2
+	$(CONTINUAL) --method stamina --tag sparse --seeds 0,1,2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 --set mask.sparsity_weight=0.1 --set mask.learning_rate=0.1
+	$(CONTINUAL) --method stamina --tag lr3e-3 --seeds 0,1,2 --set train.learning_rate=3e-3 --set token.learning_rate=1.5e-2
+	$(CONTINUAL) --method lora_seq --tag lr3e-3 --seeds 0,1,2 --set train.learning_rate=3e-3 --set token.learning_rate=1.5e-2
 	# session 7: + replay-free K/V preservation of earlier prompts (MethodConfig.preserve, lambda_p 0.1 chosen on the
 	# tuning glyphs by bench-continual-tune-mask), and plain LoRA with the same term; 3 seeds each (the recorded
 	# rows ran seed by seed with --add-seeds, sessions 7-8)
-	$(CONTINUAL) $(BASE2400) --method stamina --tag preserve --seeds 0,1,2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 --set preserve.weight=0.1
-	$(CONTINUAL) $(BASE2400) --method lora_seq --tag preserve --seeds 0,1,2 --set train.learning_rate=3e-2 --set token.learning_rate=1.5e-1 --set preserve.weight=0.1
+	$(CONTINUAL) --method stamina --tag preserve --seeds 0,1,2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 --set preserve.weight=0.1
+	$(CONTINUAL) --method lora_seq --tag preserve --seeds 0,1,2 --set train.learning_rate=3e-2 --set token.learning_rate=1.5e-1 --set preserve.weight=0.1
 	# session 9: the same with 300 steps per concept (seed 0 recorded so far; about 55 min per seed on one thread)
-	$(PY) bench/continual.py --concepts 50 --steps 300 --eval diagonal_and_final --threads 1 $(BASE2400) --method stamina --tag preserve-300 --seeds 0,1,2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 --set preserve.weight=0.1
-	$(PY) bench/continual.py --concepts 50 --steps 300 --eval diagonal_and_final --threads 1 $(BASE2400) --method lora_seq --tag preserve-300 --seeds 0,1,2 --set train.learning_rate=3e-2 --set token.learning_rate=1.5e-1 --set preserve.weight=0.1
+	$(PY) bench/continual.py --concepts 50 --steps 300 --eval diagonal_and_final --threads 1 $(BASE_LEGACY) --method stamina --tag preserve-300 --seeds 0,1,2 --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 --set preserve.weight=0.1
+	$(PY) bench/continual.py --concepts 50 --steps 300 --eval diagonal_and_final --threads 1 $(BASE_LEGACY) --method lora_seq --tag preserve-300 --seeds 0,1,2 --set train.learning_rate=3e-2 --set token.learning_rate=1.5e-1 --set preserve.weight=0.1
 	$(PY) bench/delta_scale.py
 
 # The tuning grid (5 separate tuning concepts, seed 100; never the reported sequence): 4 settings per adapter method
 # (3e-3 added in session 6, after bench/delta_scale.py showed that 1e-2 and 3e-2 rewrite the base K/V per concept).
 # Rule (bench/continual.py tuning_table): highest final A, ties broken by the lowest final KID.
-TUNE = $(PY) bench/continual.py $(BASE2400) --tuning --concepts 5 --seeds 100 --steps 100 --eval full --pairs 0 --results-dir bench/results/tuning
+TUNE = $(PY) bench/continual.py $(BASE_LEGACY) --tuning --concepts 5 --seeds 100 --steps 100 --eval full --pairs 0 --results-dir bench/results/tuning
 bench-continual-tune: install
 	for m in stamina lora_seq clora; do \
 	  $(TUNE) --method $$m --tag lr1e-3-tok5e-3 --set train.learning_rate=1e-3 --set token.learning_rate=5e-3 || exit 1; \
@@ -105,7 +107,7 @@ bench-continual-tune: install
 
 # The method-specific knobs on the same tuning sequence, each method at its chosen learning rates: STAMINA's
 # mask (sparsity weight, mask lr, mask rank, temperature) and C-LoRA's lambda (RESULTS.md, "Mask and penalty sweep").
-TUNE_MASK = $(PY) bench/continual.py $(BASE2400) --tuning --concepts 5 --seeds 100 --steps 100 --eval full --pairs 0 --threads 1 --results-dir bench/results/tuning-mask
+TUNE_MASK = $(PY) bench/continual.py $(BASE_LEGACY) --tuning --concepts 5 --seeds 100 --steps 100 --eval full --pairs 0 --threads 1 --results-dir bench/results/tuning-mask
 STAMINA_LR = --set train.learning_rate=1e-2 --set token.learning_rate=5e-2
 bench-continual-tune-mask: install
 	$(TUNE_MASK) --method stamina --tag default $(STAMINA_LR)
@@ -127,8 +129,8 @@ bench-continual-tune-mask: install
 
 # STAMINA's design options (DESIGN.md §2) against the baselines on the 5 animals (RESULTS.md, ablation table).
 bench-continual-ablation: install
-	$(PY) bench/continual_ablation.py $(BASE2400) --seeds 0,1
-	$(PY) bench/continual_ablation.py $(BASE2400) --seeds 2 --add-seeds
+	$(PY) bench/continual_ablation.py $(BASE_LEGACY) --seeds 0,1
+	$(PY) bench/continual_ablation.py $(BASE_LEGACY) --seeds 2 --add-seeds
 
 bench-classification: install
 	$(PY) bench/classification.py --methods stamina,lora_seq,clora,seq_ft,head_only,joint --tasks 10 --seeds 0,1,2 --steps 100 --lr 3e-4 --head_learning_rate 1e-2 --ft_learning_rate 1e-4 --clora_weight 1e5 --mask_sparsity 0.1 --mask_learning_rate 0.1

@@ -297,7 +297,8 @@ def python_child(script: str, *args: str) -> list[str]:
 
 # -- which base model a benchmark runs on ---------------------------------------------------------
 
-# The base of every table written before session 9: 2400 pretraining steps on 1 thread.
+# The base of every table written before session 10 (stamina_core.pretrain.legacy_pretrain_config: UNet 32,64,64,
+# plain MSE, 2400 steps on 1 thread); PretrainConfig's default until session 10.
 LEGACY_BASE_KEY = "tiny-f4f0e6d5b69f"
 
 
@@ -305,8 +306,9 @@ def add_base_args(p) -> None:
     """``--base-set FIELD=VALUE``: pretrain (or reuse) another base than ``PretrainConfig()``'s."""
     p.add_argument("--base-set", action="append", default=[], metavar="FIELD=VALUE",
                    help="PretrainConfig override of the base, repeatable (e.g. max_train_steps=2400, threads=1, "
-                        "snr_gamma=5, learning_rate=2e-3); 'max_train_steps=2400' with 'threads=1' is the base of "
-                        "the tables before session 9")
+                        "snr_gamma=none, model.block_out_channels=32,64,64: dotted fields reach nested configs, a "
+                        "comma makes a list, 'none' is None); those four are the legacy base of the tables before "
+                        "session 10 (the Makefile's BASE_LEGACY)")
 
 
 def base_argv(args) -> list[str]:

@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 # transformers / peft (the Ray job driver imports this module); tests/unit/test_light_imports.py checks it
 from stamina_core.classification.config import ClassificationConfig, PretrainConfig
 from stamina_core.config import MethodConfig, StrictModel
-from stamina_core.models.config import TinyModelConfig
+from stamina_core.models.config import TinyModelConfig, pretrained_tiny_config
 
 _TOKEN_RE = re.compile(r"^<[A-Za-z0-9_\-]{1,32}>$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,62}$")
@@ -78,7 +78,11 @@ class BaseModelSpec(StrictModel):
 
     kind: Literal["tiny", "path"] = Field("tiny", description="'tiny': the built-in tiny SD model; 'path': a diffusers folder.")
     uri: str | None = Field(None, description="Local folder or s3:// prefix of a diffusers model (kind=path).")
-    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Tiny model config (kind=tiny).")
+    tiny: TinyModelConfig = Field(
+        default_factory=pretrained_tiny_config,
+        description="Tiny model config (kind=tiny); default: the pretrained base's architecture (UNet 16,48,64 since "
+        "session 10), so the chain's base is the one `stamina pretrain-tiny` caches.",
+    )
     pretrained: bool = Field(True, description="kind=tiny: use the project's pretrained tiny base (built once, cached).")
 
     @model_validator(mode="after")

@@ -63,7 +63,12 @@ def cmd_pretrain(args) -> int:
     from stamina_core.paths import default_pretrained_dir
     from stamina_core.pretrain import cli_config, pretrain_tiny
 
-    cfg = cli_config(args.test_config, args.steps, args.seed, args.threads, snr_gamma=args.snr_gamma)
+    try:
+        cfg = cli_config(args.test_config, args.steps, args.seed, args.threads, snr_gamma=args.snr_gamma,
+                         legacy=args.legacy)
+    except ValueError as e:  # --test-config with --legacy (config errors are ConfigError, handled by main)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     path = pretrain_tiny(cfg, cache_dir=args.cache_dir or default_pretrained_dir(), progress=True)
     print(path)
     return 0
@@ -130,11 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pretrain-tiny", help="pretrain (or reuse) the tiny base model")
     s.add_argument("--cache-dir", default=None, help="default: $STAMINA_CACHE/pretrained or ~/.cache/stamina/pretrained")
     s.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2400; another count is another base)")
+    s.add_argument("--legacy", action="store_true",
+                   help="the pre-session-10 base tiny-f4f0e6d5b69f every table before session 10 ran on "
+                        "(UNet 32,64,64, plain MSE, 1 thread; about 20 min)")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--threads", type=int, default=None,
-                   help="torch threads while training (default 1: the published base; another count is another base)")
+                   help="torch threads while training (default 2; another count is another base)")
     s.add_argument("--snr-gamma", type=float, default=None,
-                   help="Min-SNR loss weighting (default off; a value is another base; RESULTS.md 'Base recipes')")
+                   help="Min-SNR loss weighting (default 5; another value is another base; RESULTS.md 'Base recipes')")
     s.add_argument("--test-config", action="store_true", help="the seconds-long test configuration")
     s.set_defaults(func=cmd_pretrain)
 

@@ -4,16 +4,17 @@
 trained jointly with the epsilon objective of the model's ``DDPMScheduler``; 10 % empty captions so
 classifier-free guidance works; AdamW, linear warmup then cosine decay, gradient clipping, batch 32.
 The default budget is 2400 steps (TINY.md §3: 2150 steps gave 0.65 judge accuracy on samples of the 5 animal
-classes). Measured end to end it takes 17.6 min on 2 idle threads (session 7, Intel host) and 21.7 min by the
-per-step benchmark on session 8's AMD host: above the 15 minutes the benchmark issue asks for. Cheaper recipes
-(fewer steps, Min-SNR weighting ``snr_gamma``, a larger learning rate) are scored in RESULTS.md "Base recipes";
-none drew as well yet, so the default stays (BENCHMARKS.md has the timings).
+classes). Since session 10 the default is the **15-minute base**: UNet widths 16,48,64 (the full-resolution level
+halved, the 8×8 one narrowed), Min-SNR loss weighting (``snr_gamma`` 5) and 2 torch threads: 0.338 s/step on 2
+idle threads against 0.435 for the old 32,64,64 model (``bench/pretrain_step.py --widths``), and it draws its own
+base classes better (glyphs 0.89 vs 0.66 judge accuracy, RESULTS.md "Base recipes"). The old default, the base
+every table before session 10 ran on (``tiny-f4f0e6d5b69f``), is ``legacy_pretrain_config()``
+(``stamina pretrain-tiny --legacy``; benchmarks: the Makefile's ``BASE_LEGACY`` flags).
 
-Threads are part of the config (``PretrainConfig.threads``, default 1): the thread count changes the
-reduction order and so the weights, and the published base ``tiny-f4f0e6d5b69f`` was trained on 1 thread.
-``--threads 2`` is faster on an idle machine and yields another base (another cache key); on a shared,
+Threads are part of the config (``PretrainConfig.threads``, default 2): the thread count changes the
+reduction order and so the weights (another count is another base, another cache key). On a shared,
 loaded 2-core machine two torch threads stall each other (measured 2026-11-26 at load ~5: 10 s/step with
-2 threads, 0.78 s/step with 1). Timings: BENCHMARKS.md.
+2 threads, 0.78 s/step with 1), so pretrain before starting other work. Timings: BENCHMARKS.md.
 
 The result is cached under ``cache_dir/tiny-<config hash>/`` in the ``DiffusionBundle.save`` layout
 plus ``pretrain.json`` (config, loss curve, timings) and ``done.json`` (sha256 of every file), written
@@ -32,18 +33,24 @@ from pydantic import Field
 from .config import StrictModel, config_hash, parse
 from .data.benchmark import LEGACY_HASH_VALUES, BenchmarkConfig, ContinualBenchmark, to_tensor_range, tiny_benchmark_config
 from .errors import CheckpointError
-from .models.config import TinyModelConfig
+from .models.config import TinyModelConfig, pretrained_tiny_config
 from .hashing import sha256_file
 from .paths import default_pretrained_dir
 
 DONE_FILE = "done.json"
+# The base every table before session 10 ran on (its cache folder: tiny-f4f0e6d5b69f).
+LEGACY_BASE_HASH = "f4f0e6d5b69f"
 INFO_FILE = "pretrain.json"
 
 
 class PretrainConfig(StrictModel):
     """Pretraining of the tiny base model (everything that changes the weights is in the hash)."""
 
-    model: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Architecture of the tiny model.")
+    model: TinyModelConfig = Field(
+        default_factory=pretrained_tiny_config,
+        description="Architecture of the tiny model (default UNet widths 16,48,64: the 15-minute base, session 10; "
+        "the legacy base used TinyModelConfig's 32,64,64).",
+    )
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="Benchmark whose base classes are used.")
     max_train_steps: int = Field(2400, ge=1, description="Optimizer steps.")
     train_batch_size: int = Field(32, ge=1, description="Images per step.")
@@ -57,18 +64,18 @@ class PretrainConfig(StrictModel):
     hflip: bool = Field(True, description="Random horizontal flips of classes where they keep the class (animals).")
     seed: int = Field(0, description="Seed of batches, noise, timesteps and caption dropout.")
     threads: int = Field(
-        1,
+        2,
         ge=1,
         description="torch CPU threads while training. It changes the weights (reduction order): 2400 steps on 2 "
-        "threads end 3e-4 (relative Frobenius) away from 1 thread, so it is part of the cache key. The published "
-        "base tiny-f4f0e6d5b69f is the 1-thread one; 2 threads are faster on an idle machine (BENCHMARKS.md).",
+        "threads end 3e-4 (relative Frobenius) away from 1 thread, so it is part of the cache key. Default 2 "
+        "(session 10: the 15-minute base); the legacy base tiny-f4f0e6d5b69f is the 1-thread one.",
     )
     snr_gamma: float | None = Field(
-        None,
+        5.0,
         gt=0,
         description="Min-SNR loss weighting (Hang et al. 2023, diffusers' snr_gamma): each sample's epsilon MSE is "
         "weighted by min(SNR(t), gamma) / SNR(t), so the many nearly-clean timesteps stop dominating the gradient. "
-        "None = plain MSE (the published 2400-step base).",
+        "Default 5 (session 10); None = plain MSE (the legacy base tiny-f4f0e6d5b69f).",
     )
     word_tokens: bool = Field(
         False,
@@ -97,6 +104,12 @@ class PretrainConfig(StrictModel):
 
 
 _LATER_FIELDS = {"word_tokens": False, "threads": 1, "snr_gamma": None}
+
+
+
+def legacy_pretrain_config() -> PretrainConfig:
+    """The pre-session-10 default: TinyModelConfig's widths 32,64,64, plain MSE, 1 thread (``tiny-f4f0e6d5b69f``)."""
+    return PretrainConfig(model=TinyModelConfig(), snr_gamma=None, threads=1)
 _LATER_MODEL_FIELDS = {"words": [], "full_res_attention": False}
 
 
@@ -109,6 +122,8 @@ def tiny_pretrain_config() -> PretrainConfig:
         max_train_steps=30,
         train_batch_size=8,
         lr_warmup_steps=5,
+        threads=1,
+        snr_gamma=None,
     )
 
 
@@ -301,9 +316,13 @@ def _train_pinned(cfg: PretrainConfig, workdir: str, progress: bool) -> dict:
 
 
 def cli_config(test_config: bool = False, steps: int | None = None, seed: int | None = None,
-               threads: int | None = None, word_tokens: bool = False, snr_gamma: float | None = None) -> PretrainConfig:
-    """The config the CLIs build (``stamina pretrain-tiny``, ``python -m stamina_core.pretrain``), validated."""
-    cfg = tiny_pretrain_config() if test_config else PretrainConfig()
+               threads: int | None = None, word_tokens: bool = False, snr_gamma: float | None = None,
+               legacy: bool = False) -> PretrainConfig:
+    """The config the CLIs build (``stamina pretrain-tiny``, ``python -m stamina_core.pretrain``), validated;
+    ``legacy`` starts from the pre-session-10 default (``legacy_pretrain_config``)."""
+    if test_config and legacy:
+        raise ValueError("pretrain: --test-config and --legacy are two different bases; give one")
+    cfg = tiny_pretrain_config() if test_config else legacy_pretrain_config() if legacy else PretrainConfig()
     upd = {}
     if steps is not None:
         upd["max_train_steps"] = steps
@@ -329,11 +348,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="the seconds-long test config")
     p.add_argument("--threads", type=int, default=None, help="torch threads while training (PretrainConfig.threads; "
-                   "default 1, the published base; another count is another base)")
+                   "default 2; another count is another base)")
+    p.add_argument("--legacy", action="store_true", help="the pre-session-10 base tiny-f4f0e6d5b69f (32,64,64, plain MSE, 1 thread)")
     p.add_argument("--word-tokens", action="store_true", help="one token id per caption word (PretrainConfig.word_tokens)")
     p.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR loss weighting (PretrainConfig.snr_gamma)")
     a = p.parse_args(argv)
-    cfg = cli_config(a.tiny, a.max_train_steps, a.seed, a.threads, a.word_tokens, a.snr_gamma)
+    try:
+        cfg = cli_config(a.tiny, a.max_train_steps, a.seed, a.threads, a.word_tokens, a.snr_gamma, a.legacy)
+    except ValueError as e:
+        raise SystemExit(str(e))
     print(pretrain_tiny(cfg, a.cache_dir or default_pretrained_dir(), progress=True))
     return 0
 

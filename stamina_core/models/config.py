@@ -11,6 +11,17 @@ from pydantic import Field, model_validator
 from ..config import StrictModel
 
 
+# UNet widths of the pretrained tiny base since session 10 (the 15-minute base: PretrainConfig.model and the
+# pipeline's BaseModelSpec.tiny default to them; RESULTS.md "Base recipes"). TinyModelConfig's own default
+# (32,64,64) stays: it is the legacy base's and the overhead benchmark's model.
+PRETRAINED_UNET_WIDTHS = (16, 48, 64)
+
+
+def pretrained_tiny_config() -> "TinyModelConfig":
+    """The architecture of the default pretrained base (widths ``PRETRAINED_UNET_WIDTHS``)."""
+    return TinyModelConfig(block_out_channels=list(PRETRAINED_UNET_WIDTHS))
+
+
 class TinyModelConfig(StrictModel):
     """The tiny SD-shaped family (random init; pretrained by the project)."""
 

@@ -19,7 +19,8 @@ def _args(*argv):
     return p.parse_args(list(argv))
 
 
-OLD = ("--base-set", "max_train_steps=2400", "--base-set", "threads=1")
+OLD = ("--base-set", "max_train_steps=2400", "--base-set", "threads=1", "--base-set", "snr_gamma=none",
+       "--base-set", "model.block_out_channels=32,64,64")  # the Makefile's BASE_LEGACY
 
 
 def test_base_flags_pick_the_pretraining_config_and_pass_on():

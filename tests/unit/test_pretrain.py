@@ -70,6 +70,27 @@ def test_deterministic_and_corrupt_cache_is_rebuilt(cache, tmp_path):
     assert not pt.is_complete(other)
 
 
+def test_the_default_is_the_15_minute_base_and_the_legacy_base_keeps_its_key():
+    """Session 10: the default base is UNet 16,48,64 + Min-SNR 5 on 2 threads (RESULTS.md "Base recipes"); the
+    base every earlier table ran on is legacy_pretrain_config(), still under its old cache key."""
+    d, legacy = pt.PretrainConfig(), pt.legacy_pretrain_config()
+    assert d.model.block_out_channels == [16, 48, 64] and d.snr_gamma == 5.0 and d.threads == 2
+    assert d.max_train_steps == legacy.max_train_steps == 2400
+    assert legacy.model.block_out_channels == [32, 64, 64] and legacy.snr_gamma is None and legacy.threads == 1
+    assert legacy.hash() == pt.LEGACY_BASE_HASH and d.hash() != legacy.hash()
+    assert d.model.block_out_channels is not pt.PretrainConfig().model.block_out_channels  # no shared default list
+
+
+def test_two_thread_pretraining_is_deterministic(tmp_path):
+    """The default trains on 2 threads; reruns must still give the same weights bit for bit."""
+    cfg = pt.tiny_pretrain_config().model_copy(update={"threads": 2, "max_train_steps": 6, "snr_gamma": 5.0})
+    a = pt.pretrain_tiny(cfg, str(tmp_path / "a"), progress=False)
+    b = pt.pretrain_tiny(cfg, str(tmp_path / "b"), progress=False)
+    wa = load_file(os.path.join(a, "unet", "diffusion_pytorch_model.safetensors"))
+    wb = load_file(os.path.join(b, "unet", "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_config_changes_the_key_and_rejects_mismatched_sizes(tmp_path):
     a = pt.tiny_pretrain_config()
     b = a.model_copy(update={"seed": 1})
@@ -100,8 +121,9 @@ def test_caption_words_are_single_tokens_and_survive_save_and_load(tmp_path):
     # fields added after the first base was cached do not move its key while at their old values
     from stamina_core.data.benchmark import BenchmarkConfig
 
-    assert pt.PretrainConfig(benchmark=BenchmarkConfig(glyph_style="clean")).hash() == "5a9ef7591d6b"
-    assert pt.PretrainConfig().hash() == "f4f0e6d5b69f"  # the plain-glyph default base (session 5)
+    clean = pt.legacy_pretrain_config().model_copy(update={"benchmark": BenchmarkConfig(glyph_style="clean")})
+    assert clean.hash() == "5a9ef7591d6b"
+    assert pt.legacy_pretrain_config().hash() == "f4f0e6d5b69f"  # the plain-glyph base of every table before session 10
 
 
 def test_word_list_is_validated_and_full_res_attention_adds_a_block(micro_config):
@@ -117,12 +139,12 @@ def test_word_list_is_validated_and_full_res_attention_adds_a_block(micro_config
 
 
 def test_thread_count_is_part_of_the_key_and_pinned_while_training(tmp_path, monkeypatch):
-    """The thread count changes the weights (reduction order), so it is config: 1 (the published base) leaves
+    """The thread count changes the weights (reduction order), so it is config: 1 (the legacy base) leaves
     the key as it was; any other count is another base; training runs on it and restores the caller's count."""
     one = pt.tiny_pretrain_config()
     two = one.model_copy(update={"threads": 2})
     assert one.threads == 1 and two.hash() != one.hash()
-    assert pt.PretrainConfig(threads=1).hash() == "f4f0e6d5b69f"
+    assert pt.legacy_pretrain_config().hash() == "f4f0e6d5b69f"
     seen = {}
     real = pt._train_pinned
 
@@ -152,7 +174,9 @@ def test_pretrain_cli_builds_a_validated_config(tmp_path, capsys, monkeypatch):
     assert cli_main(["pretrain-tiny", "--steps", "0", "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "max_train_steps" in err
-    assert pt.cli_config().hash() == "f4f0e6d5b69f"
+    assert pt.cli_config(legacy=True).hash() == "f4f0e6d5b69f" and pt.cli_config().hash() == pt.PretrainConfig().hash()
+    assert cli_main(["pretrain-tiny", "--test-config", "--legacy", "--cache-dir", str(tmp_path)]) == 2
+    assert "--legacy" in capsys.readouterr().err
     monkeypatch.setenv("STAMINA_CACHE", str(tmp_path / "root"))
     from components.model_io import default_cache_dir
 
@@ -191,7 +215,7 @@ def test_min_snr_weighting_is_config_and_trains(cache, tmp_path):
     plain = pt.tiny_pretrain_config()
     snr = plain.model_copy(update={"snr_gamma": 5.0})
     assert plain.snr_gamma is None and snr.hash() != plain.hash()
-    assert pt.PretrainConfig(max_train_steps=2400, threads=1).hash() == "f4f0e6d5b69f"
+    assert pt.legacy_pretrain_config().model_copy(update={"max_train_steps": 2400}).hash() == "f4f0e6d5b69f"
     path = pt.pretrain_tiny(snr, str(tmp_path), progress=False)
     info = json.load(open(os.path.join(path, pt.INFO_FILE)))
     assert info["config"]["snr_gamma"] == 5.0 and all(v == v for v in info["loss_curve"]["values"])
