@@ -127,6 +127,42 @@ bench-continual-tune-mask: install
 	$(TUNE_MASK) --method stamina --tag p0.01 $(STAMINA_LR) --set preserve.weight=0.01
 	$(PY) bench/continual.py --tuning-table bench/results/tuning-mask
 
+# Session 11: the same learning-rate grid on the 15-minute base (the default since session 10, tiny-cfa93dc5f8ec),
+# so the headline re-run on it (bench-continual-base15) uses rates chosen on its own tuning sequence. The mask knobs,
+# C-LoRA's lambda and the preservation weight keep the values bench-continual-tune-mask chose on the legacy base.
+# Two single-thread streams (adapter rates | clora + textual inversion), about 20 min on 2 cores.
+TUNE15 = $(PY) bench/continual.py --tuning --concepts 5 --seeds 100 --steps 100 --eval full --pairs 0 --threads 1 --results-dir bench/results/base15-tuning
+LR_GRID = lr1e-3-tok5e-3:1e-3:5e-3 lr3e-3-tok1.5e-2:3e-3:1.5e-2 lr1e-2-tok5e-2:1e-2:5e-2 lr3e-2-tok1.5e-1:3e-2:1.5e-1
+bench-continual-tune-base15: install
+	@mkdir -p $(LOGS)
+	@( for m in stamina lora_seq; do for g in $(LR_GRID); do IFS=: read tag lr tok <<< "$$g"; \
+	     $(TUNE15) --method $$m --tag $$tag --set train.learning_rate=$$lr --set token.learning_rate=$$tok || exit 1; done; done ) \
+	   > $(LOGS)/tune-base15-1.log 2>&1 & p1=$$!; \
+	 ( for g in $(LR_GRID); do IFS=: read tag lr tok <<< "$$g"; \
+	     $(TUNE15) --method clora --tag $$tag --set train.learning_rate=$$lr --set token.learning_rate=$$tok || exit 1; done; \
+	   for tok in 5e-3 5e-2 1.5e-1; do $(TUNE15) --method textual_inversion --tag tok$$tok --set token.learning_rate=$$tok || exit 1; done ) \
+	   > $(LOGS)/tune-base15-2.log 2>&1 & p2=$$!; \
+	 wait $$p1; r1=$$?; wait $$p2; r2=$$?; \
+	 if [ $$r1 -ne 0 ] || [ $$r2 -ne 0 ]; then tail -n 20 $(LOGS)/tune-base15-*.log; exit 1; fi
+	$(PY) bench/continual.py --tuning-table bench/results/base15-tuning
+
+# Session 11: the reported protocol of bench-continual on the 15-minute default base, each method at the rates that
+# bench-continual-tune-base15 chose on that base (RESULTS.md "The 50-concept table on the 15-minute base").
+# Same two single-thread streams; results in bench/results/base15, logs in .stamina/logs/base15-{1,2}.log.
+CONTINUAL15 = $(PY) bench/continual.py --concepts 50 --steps 100 --eval diagonal_and_final --threads 1 --seeds 0,1,2 --results-dir bench/results/base15
+bench-continual-base15: install
+	@mkdir -p $(LOGS); echo "two single-thread streams; progress: tail -f $(LOGS)/base15-{1,2}.log"
+	@( $(CONTINUAL15) --method stamina --set train.learning_rate=3e-2 --set token.learning_rate=1.5e-1 && \
+	   $(CONTINUAL15) --method clora --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 ) \
+	   > $(LOGS)/base15-1.log 2>&1 & p1=$$!; \
+	 ( $(CONTINUAL15) --method lora_seq --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 && \
+	   $(CONTINUAL15) --method textual_inversion --set token.learning_rate=1.5e-1 ) \
+	   > $(LOGS)/base15-2.log 2>&1 & p2=$$!; \
+	 wait $$p1; r1=$$?; wait $$p2; r2=$$?; \
+	 if [ $$r1 -ne 0 ] || [ $$r2 -ne 0 ]; then tail -n 20 $(LOGS)/base15-*.log; \
+	   echo "bench-continual-base15: a stream failed (exit $$r1 / $$r2); logs in $(LOGS)/"; exit 1; fi
+	$(PY) bench/continual.py --results-table bench/results/base15
+
 # STAMINA's design options (DESIGN.md §2) against the baselines on the 5 animals (RESULTS.md, ablation table).
 bench-continual-ablation: install
 	$(PY) bench/continual_ablation.py $(BASE_LEGACY) --seeds 0,1

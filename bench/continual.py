@@ -57,7 +57,15 @@ METHOD_DEFAULTS: dict[str, dict] = {
 
 
 # Tuning folders whose table has a section in RESULTS.md (any other folder is only printed).
-TUNING_SECTIONS = {"tuning": "continual_tuning", "tuning-mask": "continual_tuning_mask"}
+TUNING_SECTIONS = {"tuning": "continual_tuning", "tuning-mask": "continual_tuning_mask",
+                   "base15-tuning": "continual_tuning_base15"}
+# Result folders whose table has a section in RESULTS.md: the legacy-base tables (bench/results itself) and, since
+# session 11, the same protocol on the 15-minute default base (bench/results/base15).
+RESULTS_SECTIONS = {".": "continual", "base15": "continual_base15"}
+
+
+def _section(sections: dict[str, str], folder: str) -> str | None:
+    return sections.get(os.path.relpath(os.path.abspath(folder), RESULTS_DIR))
 
 
 def method_config(name: str, steps: int, overrides: dict | None = None, seed: int = 0) -> MethodConfig:
@@ -281,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], help="dotted MethodConfig override, e.g. mask.rank=8")
     p.add_argument("--tag", default="", help="suffix of the result files (ablations)")
     p.add_argument("--cache-dir", default=None, help="base model / judge cache (default $STAMINA_CACHE or ~/.cache/stamina)")
-    p.add_argument("--results-dir", default=RESULTS_DIR, help="where JSON and plots go (RESULTS.md only for the default)")
+    p.add_argument("--results-dir", default=RESULTS_DIR, help="where JSON and plots go (RESULTS.md for bench/results and bench/results/base15)")
     p.add_argument("--smoke", action="store_true", help="tiny benchmark, tiny base and judge: seconds (tests)")
     add_base_args(p)
     p.add_argument("--tuning-table", metavar="DIR", default=None,
@@ -295,15 +303,16 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isdir(args.results_table):
             raise SystemExit(f"--results-table: {args.results_table} is not a folder of results")
         body = results_table(args.results_table)
-        if os.path.abspath(args.results_table) == os.path.abspath(RESULTS_DIR):
-            update_markdown_section(RESULTS_MD, "continual", body)
+        section = _section(RESULTS_SECTIONS, args.results_table)
+        if section:
+            update_markdown_section(RESULTS_MD, section, body)
         print(body)
         return 0
     if args.tuning_table:
         if not os.path.isdir(args.tuning_table):
             raise SystemExit(f"--tuning-table: {args.tuning_table} is not a folder of tuning results")
         body = tuning_table(args.tuning_table)
-        section = TUNING_SECTIONS.get(os.path.relpath(os.path.abspath(args.tuning_table), RESULTS_DIR))
+        section = _section(TUNING_SECTIONS, args.tuning_table)
         if section:
             update_markdown_section(RESULTS_MD, section, body)
         print(body)
@@ -351,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     out = {**settings, "seeds": seeds, "judge": ref, "runs": runs, "wall_s": wall, "command": cmd,
            "machine": machine_info()}
     write_json(prefix + ".json", out)
-    if not args.tuning and not args.smoke and os.path.abspath(args.results_dir) == os.path.abspath(RESULTS_DIR):
-        update_markdown_section(RESULTS_MD, "continual", results_table())
+    section = _section(RESULTS_SECTIONS, args.results_dir)
+    if not args.tuning and not args.smoke and section:
+        update_markdown_section(RESULTS_MD, section, results_table(args.results_dir))
     s = [r["summary_accuracy"] for r in runs]
     print(f"{args.method}: A={mean_std([x['A'] for x in s])} F={mean_std([x['F'] for x in s])} "
           f"F_max={mean_std([x['F_max'] for x in s])} P={mean_std([x['P'] for x in s])} "

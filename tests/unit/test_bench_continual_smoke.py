@@ -144,3 +144,16 @@ def test_tagged_variant_rows_name_their_tag_and_overrides():
                              "set": ["mask.learning_rate=0.1", "mask.sparsity_weight=0.1", "token.learning_rate=5e-2",
                                      "train.learning_rate=1e-2"]})
     assert name == "stamina-sparse (mask.learning_rate=0.1, mask.sparsity_weight=0.1)"
+
+
+def test_result_folders_map_to_their_own_results_md_sections(tmp_path):
+    """The legacy-base tables and the 15-minute-base tables (session 11) live in separate RESULTS.md sections; any
+    other folder (a smoke run, an archive) writes no section at all."""
+    mod = _bench_main()
+    rdir = mod["RESULTS_DIR"]
+    assert mod["_section"](mod["RESULTS_SECTIONS"], rdir) == "continual"
+    assert mod["_section"](mod["RESULTS_SECTIONS"], os.path.join(rdir, "base15")) == "continual_base15"
+    assert mod["_section"](mod["TUNING_SECTIONS"], os.path.join(rdir, "base15-tuning")) == "continual_tuning_base15"
+    assert mod["_section"](mod["TUNING_SECTIONS"], os.path.join(rdir, "tuning")) == "continual_tuning"
+    assert mod["_section"](mod["RESULTS_SECTIONS"], str(tmp_path)) is None
+    assert mod["_section"](mod["RESULTS_SECTIONS"], os.path.join(rdir, "varied-glyphs")) is None
