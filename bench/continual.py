@@ -212,6 +212,24 @@ def _row_name(r: dict) -> str:
     return f"{r['method']}-{r['tag']}" + (f" ({', '.join(extra)})" if extra else "")
 
 
+def replot(results_dir: str) -> list[str]:
+    """Redraw every run's heatmap and curves of the continual-*.json files in ``results_dir`` from the stored R."""
+    out = []
+    for fn in sorted(os.listdir(results_dir)):
+        if not (fn.startswith("continual-") and fn.endswith(".json")):
+            continue
+        with open(os.path.join(results_dir, fn)) as f:
+            r = json.load(f)
+        prefix = os.path.join(results_dir, fn.removesuffix(".json"))
+        for run in r["runs"]:
+            acc, seed = ContinualMatrix.from_dict(run["accuracy"]), run["seed"]
+            out.append(plot_matrix(acc, f"{prefix}-seed{seed}-heatmap.png",
+                                   title=f"{r['method']}: judge accuracy R[t, i] (seed {seed})"))
+            out.append(plot_curves(acc, f"{prefix}-seed{seed}-curves.png",
+                                   title=f"{r['method']}: R[t,t] and mean accuracy (seed {seed})"))
+    return out
+
+
 def results_table(results_dir: str = RESULTS_DIR) -> str:
     rows = []
     for r in continual_results(results_dir):
@@ -298,7 +316,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-table", metavar="DIR", default=None,
                    help="only print the results table of the continual-*.json files in DIR (e.g. the archived "
                         "bench/results/varied-glyphs); for bench/results itself the RESULTS.md table is rewritten too")
+    p.add_argument("--replot", metavar="DIR", default=None,
+                   help="only redraw each run's R heatmap and curves from the continual-*.json files in DIR (the "
+                        "JSON keeps R; e.g. after a plotting fix)")
     args = p.parse_args(argv)
+    if args.replot:
+        if not os.path.isdir(args.replot):
+            raise SystemExit(f"--replot: {args.replot} is not a folder of results")
+        for path in replot(args.replot):
+            print(path)
+        return 0
     if args.results_table:
         if not os.path.isdir(args.results_table):
             raise SystemExit(f"--results-table: {args.results_table} is not a folder of results")

@@ -1,7 +1,7 @@
 """Figures (matplotlib's Agg canvas directly: no global backend change, no display needed).
 
 - ``plot_matrix``: the R[t, i] heatmap (NaN above the diagonal left blank).
-- ``plot_curves``: R[t, t] (just-learned) and mean_{i<=t} R[t, i] (all so far) over t.
+- ``plot_curves``: R[t, t] (just-learned) and mean_{i<=t} R[t, i] (all so far, rows scored in full) over t.
 - ``sample_grid``: one row of samples per concept, labelled.
 """
 
@@ -58,16 +58,26 @@ def plot_matrix(m: ContinualMatrix, path: str, title: str | None = None, annotat
     return _save(fig, path)
 
 
+def full_row_means(m: ContinualMatrix) -> tuple[np.ndarray, np.ndarray]:
+    """(t, mean_{i<=t} R[t, i]) for the rows scored on every learned concept.
+
+    With ``--eval diagonal_and_final`` most rows hold only R[t, t]; a mean over what is there would be the
+    diagonal again and would hide the forgetting, so such rows are left out rather than averaged."""
+    rows = [k for k in range(m.rows_done) if np.isfinite(m.R[k, : k + 1]).all()]
+    return np.array(rows, dtype=int), np.array([float(np.mean(m.R[k, : k + 1])) for k in rows])
+
+
 def plot_curves(m: ContinualMatrix, path: str, title: str | None = None) -> str:
-    """R[t, t] and the running mean over learned concepts, against t."""
+    """R[t, t] and the mean over learned concepts (rows scored in full only), against t."""
     T = m.rows_done
     t = np.arange(T)
     diag = np.diagonal(m.R)[:T]
-    mean = np.array([np.nanmean(m.R[k, : k + 1]) for k in range(T)]) if T else np.array([])
+    mt, mean = full_row_means(m)
     fig = _figure(6.5, 3.8)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(t, diag, "o-", label="R[t, t] (just learned)")
-    ax.plot(t, mean, "s-", label="mean_{i<=t} R[t, i] (all so far)")
+    part = "" if len(mt) == T else f", {len(mt)} of {T} rows scored in full"
+    ax.plot(mt, mean, "s-", label=f"mean_{{i<=t}} R[t, i] (all so far{part})")
     if T >= 2:
         k, b = np.polyfit(t.astype(float), diag, 1)
         ax.plot(t, k * t + b, "--", color="grey", label=f"trend of R[t, t]: {k:+.4f} / concept")

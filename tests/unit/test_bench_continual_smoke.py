@@ -73,6 +73,12 @@ def test_seeds_run_apart_are_added_to_one_result_and_mismatches_refused(tmp_path
     out = json.loads((tmp_path / "continual-textual_inversion.json").read_text())
     assert [r["seed"] for r in out["runs"]] == [0, 1] and out["seeds"] == [0, 1]
     assert " ; " in out["command"] and all("by_kind" in r for r in out["runs"])
+    curves = tmp_path / "continual-textual_inversion-seed1-curves.png"
+    curves.unlink()
+    assert mod["main"](["--replot", str(tmp_path)]) == 0  # plots come back from the JSON's R alone
+    assert curves.stat().st_size > 1000 and (tmp_path / "continual-textual_inversion-seed0-heatmap.png").exists()
+    with pytest.raises(SystemExit, match="--replot: .* is not a folder"):
+        mod["main"](["--replot", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="already has seed"):
         mod["main"](base + ["--seeds", "1", "--add-seeds"])
     with pytest.raises(SystemExit, match="other settings"):

@@ -154,3 +154,18 @@ def test_plots_write_pngs(tmp_path):
     p = sample_grid(imgs, ["<c00>", "<c01>"], str(tmp_path / "g" / "s.png"), max_per_row=5)
     assert Image.open(p).format == "PNG"
     assert sorted(os.listdir(tmp_path)) == ["c.png", "g", "r.png"]  # no temporary files left
+
+
+def test_mean_curve_uses_only_rows_scored_in_full():
+    """Diagonal-and-final evaluation: the 'all so far' curve must not be the diagonal again (it hid forgetting)."""
+    from stamina_core.eval.plots import full_row_means
+
+    m = ContinualMatrix(["a", "b", "c", "d"])
+    m.set(0, 0, 0.5)
+    m.set(1, 1, 0.75)  # diagonal only
+    m.set(2, 2, 0.25)
+    for i, v in enumerate([0.0, 0.25, 0.0, 0.5]):  # final row in full
+        m.set(3, i, v)
+    rows, means = full_row_means(m)
+    assert rows.tolist() == [0, 3]
+    assert means.tolist() == [0.5, 0.1875]
