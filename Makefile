@@ -149,7 +149,8 @@ bench-continual-tune-base15: install
 # Session 11: the reported protocol of bench-continual on the 15-minute default base, each method at the rates that
 # bench-continual-tune-base15 chose on that base (RESULTS.md "The 50-concept table on the 15-minute base").
 # Same two single-thread streams; results in bench/results/base15, logs in .stamina/logs/base15-{1,2}.log.
-CONTINUAL15 = $(PY) bench/continual.py --concepts 50 --steps 100 --eval diagonal_and_final --threads 1 --seeds 0,1,2 --results-dir bench/results/base15
+SEEDS15 ?= 0,1,2
+CONTINUAL15 = $(PY) bench/continual.py --concepts 50 --steps 100 --eval diagonal_and_final --threads 1 --seeds $(SEEDS15) --results-dir bench/results/base15
 bench-continual-base15: install
 	@mkdir -p $(LOGS); echo "two single-thread streams; progress: tail -f $(LOGS)/base15-{1,2}.log"
 	@( $(CONTINUAL15) --method stamina --set train.learning_rate=3e-2 --set token.learning_rate=1.5e-1 && \
@@ -161,6 +162,20 @@ bench-continual-base15: install
 	 wait $$p1; r1=$$?; wait $$p2; r2=$$?; \
 	 if [ $$r1 -ne 0 ] || [ $$r2 -ne 0 ]; then tail -n 20 $(LOGS)/base15-*.log; \
 	   echo "bench-continual-base15: a stream failed (exit $$r1 / $$r2); logs in $(LOGS)/"; exit 1; fi
+	$(PY) bench/continual.py --results-table bench/results/base15
+
+# Session 11: STAMINA and plain LoRA with prompt preservation (lambda_p 0.1, as in bench-continual-variants) on the
+# 15-minute base, each at its base15 rates, side by side. Seeds in parts: `make bench-continual-base15-preserve
+# SEEDS15=0`, then `SEEDS15=1,2 ADD15=--add-seeds` adds the others to the same rows.
+ADD15 ?=
+bench-continual-base15-preserve: install
+	@mkdir -p $(LOGS)
+	@$(CONTINUAL15) $(ADD15) --method stamina --tag preserve --set train.learning_rate=3e-2 --set token.learning_rate=1.5e-1 --set preserve.weight=0.1 \
+	   > $(LOGS)/base15-preserve-1.log 2>&1 & p1=$$!; \
+	 $(CONTINUAL15) $(ADD15) --method lora_seq --tag preserve --set train.learning_rate=1e-2 --set token.learning_rate=5e-2 --set preserve.weight=0.1 \
+	   > $(LOGS)/base15-preserve-2.log 2>&1 & p2=$$!; \
+	 wait $$p1; r1=$$?; wait $$p2; r2=$$?; \
+	 if [ $$r1 -ne 0 ] || [ $$r2 -ne 0 ]; then tail -n 20 $(LOGS)/base15-preserve-*.log; exit 1; fi
 	$(PY) bench/continual.py --results-table bench/results/base15
 
 # STAMINA's design options (DESIGN.md §2) against the baselines on the 5 animals (RESULTS.md, ablation table).
