@@ -130,7 +130,7 @@ bench-continual-tune-mask: install
 # Session 11: the same learning-rate grid on the 15-minute base (the default since session 10, tiny-cfa93dc5f8ec),
 # so the headline re-run on it (bench-continual-base15) uses rates chosen on its own tuning sequence. The mask knobs,
 # C-LoRA's lambda and the preservation weight keep the values bench-continual-tune-mask chose on the legacy base.
-# Two single-thread streams (adapter rates | clora + textual inversion), about 20 min on 2 cores.
+# Two single-thread streams (stamina + lora_seq | clora + textual inversion), 17 min on 2 cores (session 11).
 TUNE15 = $(PY) bench/continual.py --tuning --concepts 5 --seeds 100 --steps 100 --eval full --pairs 0 --threads 1 --results-dir bench/results/base15-tuning
 LR_GRID = lr1e-3-tok5e-3:1e-3:5e-3 lr3e-3-tok1.5e-2:3e-3:1.5e-2 lr1e-2-tok5e-2:1e-2:5e-2 lr3e-2-tok1.5e-1:3e-2:1.5e-1
 bench-continual-tune-base15: install

@@ -128,8 +128,7 @@ def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, o
         idx = [tuple(sorted(rng.choice(T, 2, replace=False))) for _ in range(args.pairs)]
         pairs = evaluate_pairs(bundle, judge, [(classes[a], classes[b]) for a, b in idx],
                                n_samples=args.samples, seed=20_000 + seed, steps=args.sample_steps, guidance=args.guidance)
-    plot_matrix(acc, f"{out_prefix}-seed{seed}-heatmap.png", title=f"{args.method}: judge accuracy R[t, i] (seed {seed})")
-    plot_curves(acc, f"{out_prefix}-seed{seed}-curves.png", title=f"{args.method}: R[t,t] and mean accuracy (seed {seed})")
+    plot_run(acc, out_prefix, args.method, seed)
     if final_samples:
         sample_grid(final_samples["samples"], [c.slug for c in classes], f"{out_prefix}-seed{seed}-samples.png",
                     title=f"{args.method}: every concept after the last step (seed {seed})")
@@ -222,12 +221,14 @@ def replot(results_dir: str) -> list[str]:
             r = json.load(f)
         prefix = os.path.join(results_dir, fn.removesuffix(".json"))
         for run in r["runs"]:
-            acc, seed = ContinualMatrix.from_dict(run["accuracy"]), run["seed"]
-            out.append(plot_matrix(acc, f"{prefix}-seed{seed}-heatmap.png",
-                                   title=f"{r['method']}: judge accuracy R[t, i] (seed {seed})"))
-            out.append(plot_curves(acc, f"{prefix}-seed{seed}-curves.png",
-                                   title=f"{r['method']}: R[t,t] and mean accuracy (seed {seed})"))
+            out += plot_run(ContinualMatrix.from_dict(run["accuracy"]), prefix, r["method"], run["seed"])
     return out
+
+
+def plot_run(acc: ContinualMatrix, prefix: str, method: str, seed: int) -> list[str]:
+    """One run's R heatmap and curves (written by each run, redrawn by ``replot``)."""
+    return [plot_matrix(acc, f"{prefix}-seed{seed}-heatmap.png", title=f"{method}: judge accuracy R[t, i] (seed {seed})"),
+            plot_curves(acc, f"{prefix}-seed{seed}-curves.png", title=f"{method}: R[t,t] and mean accuracy (seed {seed})")]
 
 
 def results_table(results_dir: str = RESULTS_DIR) -> str:
