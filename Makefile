@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-slow test-all bench bench-base-quality bench-continual bench-continual-variants bench-continual-tune bench-continual-tune-mask bench-continual-ablation bench-classification bench-pipeline pretrain stack-up stack-down clean
+.PHONY: install run test test-slow test-all bench bench-base-quality bench-continual bench-continual-variants bench-continual-tune bench-continual-tune-mask bench-continual-tune-mask-base15 bench-continual-ablation bench-classification bench-pipeline pretrain stack-up stack-down clean
 
 install: $(STAMP)
 
@@ -145,6 +145,33 @@ bench-continual-tune-base15: install
 	 wait $$p1; r1=$$?; wait $$p2; r2=$$?; \
 	 if [ $$r1 -ne 0 ] || [ $$r2 -ne 0 ]; then tail -n 20 $(LOGS)/tune-base15-*.log; exit 1; fi
 	$(PY) bench/continual.py --tuning-table bench/results/base15-tuning
+
+# Session 12: the mask and penalty sweep of bench-continual-tune-mask on the 15-minute base, each method at its
+# base15 rates (STAMINA 3e-2 / 1.5e-1, C-LoRA 1e-2 / 5e-2): STAMINA's sparsity weight, mask lr, rank, temperature
+# and preservation weight, C-LoRA's lambda. Two single-thread streams of 7 runs; results in
+# bench/results/base15-tuning-mask (RESULTS.md "Mask and penalty sweep on the 15-minute base").
+TUNE_MASK15 = $(PY) bench/continual.py --tuning --concepts 5 --seeds 100 --steps 100 --eval full --pairs 0 --threads 1 --results-dir bench/results/base15-tuning-mask
+STAMINA_LR15 = --set train.learning_rate=3e-2 --set token.learning_rate=1.5e-1
+CLORA_LR15 = --set train.learning_rate=1e-2 --set token.learning_rate=5e-2
+MASK_GRID15 = default: s0-mlr0.1:mask.sparsity_weight=0,mask.learning_rate=0.1 \
+	s0.03-mlr0.1:mask.sparsity_weight=0.03,mask.learning_rate=0.1 s0.1-mlr0.1:mask.sparsity_weight=0.1,mask.learning_rate=0.1 \
+	s0.3-mlr0.1:mask.sparsity_weight=0.3,mask.learning_rate=0.1 s0.1-mlr0.1-r1:mask.sparsity_weight=0.1,mask.learning_rate=0.1,mask.rank=1 \
+	s0.1-mlr0.1-r16:mask.sparsity_weight=0.1,mask.learning_rate=0.1,mask.rank=16
+MASK_GRID15B = s0.1-mlr0.1-t4:mask.sparsity_weight=0.1,mask.learning_rate=0.1,mask.temperature=4 \
+	p1:preserve.weight=1 p0.1:preserve.weight=0.1 p0.01:preserve.weight=0.01
+# one run per "tag:key=value,key=value" entry (an empty list after the colon = the method's defaults)
+run_grid = for g in $(2); do tag=$${g%%:*}; kv=$${g\#*:}; sets=""; \
+	  for s in $$(echo $$kv | tr , ' '); do sets="$$sets --set $$s"; done; \
+	  $(TUNE_MASK15) --method $(1) --tag $$tag $(3) $$sets || exit 1; done
+bench-continual-tune-mask-base15: install
+	@mkdir -p $(LOGS); echo "two single-thread streams; progress: tail -f $(LOGS)/tune-mask-base15-{1,2}.log"
+	@( $(call run_grid,stamina,$(MASK_GRID15),$(STAMINA_LR15)) ) > $(LOGS)/tune-mask-base15-1.log 2>&1 & p1=$$!; \
+	 ( $(call run_grid,stamina,$(MASK_GRID15B),$(STAMINA_LR15)); \
+	   $(call run_grid,clora,w0.01:clora.weight=0.01 w0.1:clora.weight=0.1 w1:clora.weight=1,$(CLORA_LR15)) ) \
+	   > $(LOGS)/tune-mask-base15-2.log 2>&1 & p2=$$!; \
+	 wait $$p1; r1=$$?; wait $$p2; r2=$$?; \
+	 if [ $$r1 -ne 0 ] || [ $$r2 -ne 0 ]; then tail -n 20 $(LOGS)/tune-mask-base15-*.log; exit 1; fi
+	$(PY) bench/continual.py --tuning-table bench/results/base15-tuning-mask
 
 # Session 11: the reported protocol of bench-continual on the 15-minute default base, each method at the rates that
 # bench-continual-tune-base15 chose on that base (RESULTS.md "The 50-concept table on the 15-minute base").

@@ -58,7 +58,8 @@ METHOD_DEFAULTS: dict[str, dict] = {
 
 # Tuning folders whose table has a section in RESULTS.md (any other folder is only printed).
 TUNING_SECTIONS = {"tuning": "continual_tuning", "tuning-mask": "continual_tuning_mask",
-                   "base15-tuning": "continual_tuning_base15"}
+                   "base15-tuning": "continual_tuning_base15",
+                   "base15-tuning-mask": "continual_tuning_mask_base15"}
 # Result folders whose table has a section in RESULTS.md: the legacy-base tables (bench/results itself) and, since
 # session 11, the same protocol on the 15-minute default base (bench/results/base15).
 RESULTS_SECTIONS = {".": "continual", "base15": "continual_base15"}

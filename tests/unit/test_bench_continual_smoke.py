@@ -163,3 +163,16 @@ def test_result_folders_map_to_their_own_results_md_sections(tmp_path):
     assert mod["_section"](mod["TUNING_SECTIONS"], os.path.join(rdir, "tuning")) == "continual_tuning"
     assert mod["_section"](mod["RESULTS_SECTIONS"], str(tmp_path)) is None
     assert mod["_section"](mod["RESULTS_SECTIONS"], os.path.join(rdir, "varied-glyphs")) is None
+    assert mod["_section"](mod["TUNING_SECTIONS"], os.path.join(rdir, "base15-tuning-mask")) \
+        == "continual_tuning_mask_base15"
+
+
+def test_every_mapped_section_has_its_markers_in_results_md():
+    """A results folder mapped to a section whose markers are missing would have its table appended at the end of
+    RESULTS.md, away from the prose that reads it; every mapped section must sit in place, exactly once."""
+    mod = _bench_main()
+    with open(mod["RESULTS_MD"]) as f:
+        text = f.read()
+    for section in list(mod["RESULTS_SECTIONS"].values()) + list(mod["TUNING_SECTIONS"].values()):
+        assert text.count(f"<!-- {section}:start -->") == 1, section
+        assert text.count(f"<!-- {section}:end -->") == 1, section
