@@ -111,6 +111,19 @@ def density_column(runs: list[dict]) -> str:
     return col + " (" + " / ".join(t.split(".")[-1] for t in types) + ")"
 
 
+def pairs_column(runs: list[dict]) -> str:
+    """The multi-concept cell: the single-label judge's top-2 rule over every run with pairs and, for runs scored by
+    the two-label judge too (since session 12), its both-found rate, e.g. '0.000 ± 0.000 / 2-label 0.125 (2 runs)'."""
+    got = [x["pairs"] for x in runs if x.get("pairs")]
+    if not got:
+        return "–"
+    col = mean_std([p["mean_both"] for p in got])
+    two = [p["mean_both_2label"] for p in got if "mean_both_2label" in p]
+    if two:
+        col += f" / 2-label {mean_std(two)}" + (f" ({len(two)} of {len(got)} runs)" if len(two) < len(got) else "")
+    return col
+
+
 def continual_results(results_dir: str) -> list[dict]:
     """The reported (non-tuning) ``continual-*.json`` results in a folder: headline rows (no ``--tag``) first,
     then tagged variants, each group by method and tag."""

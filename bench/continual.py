@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from bench.common import (  # noqa: E402
     RESULTS_DIR, add_base_args, base_key, base_pretrain_config, continual_results, density_column, machine_info, mean_std,
+    pairs_column,
     update_markdown_section, write_json,
 )
 from stamina_core.config import MethodConfig, config_hash, parse  # noqa: E402
@@ -39,6 +40,7 @@ from stamina_core.continual import ConceptItem, run_continual  # noqa: E402
 from stamina_core.data.benchmark import BenchmarkConfig, ContinualBenchmark, to_tensor_range  # noqa: E402
 from stamina_core.eval.evaluate import evaluate_pairs, evaluate_row, judge_reference  # noqa: E402
 from stamina_core.eval.judge import train_judge  # noqa: E402
+from stamina_core.eval.pair_judge import train_pair_judge  # noqa: E402
 from stamina_core.eval.metrics import ContinualMatrix  # noqa: E402
 from stamina_core.eval.plots import plot_curves, plot_matrix, sample_grid  # noqa: E402
 from stamina_core.models import load_model  # noqa: E402
@@ -82,7 +84,8 @@ def method_config(name: str, steps: int, overrides: dict | None = None, seed: in
     return parse(MethodConfig, data, source="--set")
 
 
-def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, out_prefix: str) -> dict:
+def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, out_prefix: str,
+             pair_judge=None) -> dict:
     torch.manual_seed(seed)
     bundle = load_model(base_dir)
     pool = bench.tuning if args.tuning else bench.order(seed)
@@ -128,7 +131,8 @@ def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, o
         rng = np.random.default_rng(seed)
         idx = [tuple(sorted(rng.choice(T, 2, replace=False))) for _ in range(args.pairs)]
         pairs = evaluate_pairs(bundle, judge, [(classes[a], classes[b]) for a, b in idx],
-                               n_samples=args.samples, seed=20_000 + seed, steps=args.sample_steps, guidance=args.guidance)
+                               n_samples=args.samples, seed=20_000 + seed, steps=args.sample_steps, guidance=args.guidance,
+                               pair_judge=pair_judge)
     plot_run(acc, out_prefix, args.method, seed)
     if final_samples:
         sample_grid(final_samples["samples"], [c.slug for c in classes], f"{out_prefix}-seed{seed}-samples.png",
@@ -243,14 +247,14 @@ def results_table(results_dir: str = RESULTS_DIR) -> str:
             f"{mean_std([s['F'] for s in sa])} | {mean_std([s['F_max'] for s in sa])} | "
             f"{mean_std([s['P'] for s in sa])} | {mean_std([s['P_first'] for s in sa])} → "
             f"{mean_std([s['P_last'] for s in sa])} | {_kind(runs, 'animal')} | {_kind(runs, 'glyph')} | "
-            f"{mean_std([s['A'] for s in sk])} | {mean_std([x['pairs']['mean_both'] for x in runs if x.get('pairs')])} | "
+            f"{mean_std([s['A'] for s in sk])} | {pairs_column(runs)} | "
             f"{density_column(runs)} | {runs[0]['trainable_params_per_concept']} | {runs[0]['stored_bytes_per_concept']} | "
             f"{runs[0]['added_inference_params']} | {r['steps']} | {base_key(r).removeprefix('tiny-')} | "
             f"{r['wall_s'] / 60:.1f} | `{r['command']}` |"
         )
     head = ("| method | concepts | seeds | A (acc ↑) | F (↓) | F_max (↓) | P = mean R[t,t] (↑) | P first→last block | "
             "animals: A / P | glyphs: A / P | "
-            "final KID×1e3 (↓) | pairs: both found (↑) | mask density | trainable params / concept | "
+            "final KID×1e3 (↓) | pairs: both found (↑; top-2 / 2-label judge) | mask density | trainable params / concept | "
             "stored bytes / concept | added inference params | steps / concept | base | wall min | command |\n|" + "---|" * 20)
     return head + "\n" + "\n".join(rows)
 
@@ -358,15 +362,24 @@ def main(argv: list[str] | None = None) -> int:
         from stamina_core.eval.judge import tiny_judge_config
         from stamina_core.pretrain import tiny_pretrain_config
 
+        from stamina_core.eval.pair_judge import tiny_pair_judge_config
+
         bench = ContinualBenchmark(tiny_benchmark_config())
         pcfg = tiny_pretrain_config()
-        jcfg = tiny_judge_config()
+        jcfg, pjcfg = tiny_judge_config(), tiny_pair_judge_config()
     else:
-        bench, pcfg, jcfg = ContinualBenchmark(BenchmarkConfig()), base_pretrain_config(args), None
+        bench, pcfg, jcfg, pjcfg = ContinualBenchmark(BenchmarkConfig()), base_pretrain_config(args), None, None
     base_dir = pretrain_tiny(pcfg, cache_dir=os.path.join(args.cache_dir, "pretrained"), progress=not args.smoke)
     judge = train_judge(bench, cache_dir=args.cache_dir, cfg=jcfg, progress=not args.smoke)
     ref = judge_reference(judge, bench)
     print(f"judge: held-out real accuracy {ref.get('accuracy', float('nan')):.3f}", flush=True)
+    pair_judge = None
+    if args.pairs:  # multi-concept prompts are also scored by the two-label judge (validated on real composites)
+        pair_judge = train_pair_judge(bench, cache_dir=args.cache_dir, cfg=pjcfg, progress=not args.smoke)
+        v = pair_judge.meta["heldout"]
+        print(f"pair judge: both found in {v['overlay_both_recall']:.3f} (overlay) / {v['side_by_side_both_recall']:.3f} "
+              f"(side by side) of real held-out concept pairs; false pairs on single images "
+              f"{v['single_false_pair_rate']:.3f}", flush=True)
     os.makedirs(args.results_dir, exist_ok=True)
     name = f"continual-{args.method}{('-' + args.tag) if args.tag else ''}{'-tuning' if args.tuning else ''}"
     prefix = os.path.join(args.results_dir, name)
@@ -375,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sample_steps": args.sample_steps, "guidance": args.guidance, "tuning": args.tuning,
                 "set": sorted(args.set), **({"kind": args.kind} if args.kind else {})}
     earlier = _earlier_runs(prefix + ".json", settings, seeds, os.path.basename(base_dir)) if args.add_seeds else None
-    runs = [run_seed(args, s, bench, base_dir, judge, prefix) for s in seeds]
+    runs = [run_seed(args, s, bench, base_dir, judge, prefix, pair_judge) for s in seeds]
     base = base_record(base_dir)
     for r in runs:  # per run: a base rebuilt on another CPU family differs at rounding level (BENCHMARKS.md)
         r["base"] = base
@@ -388,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = earlier["command"] + " ; " + cmd
     out = {**settings, "seeds": seeds, "judge": ref, "runs": runs, "wall_s": wall, "command": cmd,
            "machine": machine_info()}
+    if pair_judge is not None:
+        out["pair_judge"] = {"dir": os.path.basename(pair_judge.path or ""), **pair_judge.meta["heldout"]}
     write_json(prefix + ".json", out)
     section = _section(RESULTS_SECTIONS, args.results_dir)
     if not args.tuning and not args.smoke and section:

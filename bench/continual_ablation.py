@@ -27,7 +27,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import add_base_args, base_argv, density_column, mean_std, update_markdown_section  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_base_args, base_argv, density_column, mean_std, pairs_column, update_markdown_section,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ABLATION_DIR = os.path.join(HERE, "results", "ablation")
@@ -91,14 +93,13 @@ def table(results_dir: str = ABLATION_DIR) -> str:
         sa = [x["summary_accuracy"] for x in runs]
         dcol = density_column(runs)
         dfro = [np.mean(x["delta_fro"]) for x in runs if x.get("delta_fro")]
-        pairs = [x["pairs"]["mean_both"] for x in runs if x.get("pairs")]
         rows.append(
             f"| {variant} | {method} | {what} | {', '.join(sets) or '–'} | {len(runs)} | {mean_std([s['A'] for s in sa])} | "
             f"{mean_std([s['F'] for s in sa])} | {mean_std([s['F_max'] for s in sa])} | {mean_std([s['P'] for s in sa])} | "
-            f"{mean_std(pairs)} | {dcol} | {mean_std(dfro)} | {runs[0]['trainable_params_per_concept']} | "
+            f"{pairs_column(runs)} | {dcol} | {mean_std(dfro)} | {runs[0]['trainable_params_per_concept']} | "
             f"{r['wall_s'] / 60:.1f} |")
     head = ("| variant | method | what it tests | overrides | seeds | A (↑) | F (↓) | F_max (↓) | P = mean R[t,t] (↑) | "
-            "pairs: both found (↑) | mask density (per layer type) | ‖ΔW‖_F per concept | trainable params | wall min |\n|"
+            "pairs: both found (↑; top-2 / 2-label judge) | mask density (per layer type) | ‖ΔW‖_F per concept | trainable params | wall min |\n|"
             + "---|" * 14)
     return head + "\n" + "\n".join(rows)
 

@@ -46,6 +46,9 @@ def test_three_concept_smoke(method, tmp_path):
     assert s["T"] == 3 and abs(s["A"] - sum(R[2]) / 3) < 1e-9
     assert run["added_inference_params"] == 0
     assert 0.0 <= out["judge"]["accuracy"] <= 1.0
+    # the pair is scored by both judges, and the two-label judge's validation is stored with the result
+    assert 0.0 <= run["pairs"]["mean_both_2label"] <= 1.0 and len(run["pairs"]["both_2label"]) == 1
+    assert 0.0 <= out["pair_judge"]["overlay_both_recall"] <= 1.0 and out["pair_judge"]["dir"].startswith("pair-judge-")
     for suffix in ("heatmap", "curves", "samples"):
         assert os.path.getsize(tmp_path / f"continual-{method}-seed0-{suffix}.png") > 1000
     if method == "textual_inversion":
@@ -176,3 +179,19 @@ def test_every_mapped_section_has_its_markers_in_results_md():
     for section in list(mod["RESULTS_SECTIONS"].values()) + list(mod["TUNING_SECTIONS"].values()):
         assert text.count(f"<!-- {section}:start -->") == 1, section
         assert text.count(f"<!-- {section}:end -->") == 1, section
+
+
+def test_pair_reference_smoke(tmp_path):
+    """bench/pair_reference.py on the tiny benchmark: both rules on real composites of every concept pair."""
+    sys.path.insert(0, str(REPO))
+    mod = runpy.run_path(str(REPO / "bench" / "pair_reference.py"), run_name="bench_pair_reference_test")
+    cache = tmp_path.parent / "bench-cache"
+    assert mod["main"](["--smoke", "--cache-dir", str(cache), "--results-dir", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "pair-reference.json").read_text())
+    n = out["summary"]["both/overlay"]["all"]["n_pairs"]
+    assert n == 10  # 5 tiny concepts
+    for key in ("both/overlay", "both/side_by_side", "both_2label/overlay", "both_2label/side_by_side"):
+        s = out["summary"][key]
+        assert 0.0 <= s["all"]["both"] <= 1.0 and sum(v["n_pairs"] for k, v in s.items() if k != "all") == n
+    assert len(out["reference"]["overlay"]["both_2label"]) == n
+    assert os.path.getsize(tmp_path / "pair-reference-examples.png") > 1000
