@@ -216,8 +216,9 @@ bench-continual-base15-mask: install
 
 # Session 12: multi-concept prompts where concepts are learned: the 5 animals (the ablation protocol: 300 steps, full
 # R, 32 samples) on the 15-minute base, 10 pairs each scored by both judges; each method at its base15 rates.
-# Two single-thread streams; results in bench/results/base15-pairs (RESULTS.md "Multi-concept prompts").
-PAIRS15 = $(PY) bench/continual.py --kind animal --concepts 5 --steps 300 --eval full --samples 32 --pairs 10 --threads 1 --seeds $(SEEDS15) --results-dir bench/results/base15-pairs
+# Two single-thread streams; results in bench/results/base15-pairs (RESULTS.md "Multi-concept prompts"). Seeds in
+# parts as for the preserve rows: SEEDS15=0, then SEEDS15=1,2 ADD15=--add-seeds.
+PAIRS15 = $(PY) bench/continual.py --kind animal --concepts 5 --steps 300 --eval full --samples 32 --pairs 10 --threads 1 --seeds $(SEEDS15) $(ADD15) --results-dir bench/results/base15-pairs
 bench-continual-base15-pairs: install
 	@mkdir -p $(LOGS)
 	@( $(PAIRS15) --method stamina --tag preserve $(STAMINA_LR15) --set preserve.weight=0.1 && \
