@@ -80,8 +80,16 @@ def test_bad_image_in_a_later_concept_stops_before_any_work(tmp_path, moto_s3, m
         "concepts": [{"name": "good", "token": "<g1>", "images": str(good)},
                      {"name": "bad", "token": "<b1>", "images": str(bad)}],
     })
-    with pytest.raises(IngestError) as e:
-        run_sequence(cfg, work_dir=str(tmp_path / "work"))
+    try:
+        with pytest.raises(IngestError) as e:
+            run_sequence(cfg, work_dir=str(tmp_path / "work"))
+    finally:
+        # run_sequence starts an in-process local Ray; its threads create loggers while pytest's teardown sets log
+        # levels (Logger.setLevel iterates the logger dict): a rare "dictionary changed size" teardown error in CI
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
     assert "broken.png" in str(e.value)
     listed = moto_s3.list_objects_v2(Bucket="stamina").get("KeyCount", 0)
     assert listed == 0  # nothing half-written: not even sequence.json
