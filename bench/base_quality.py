@@ -13,7 +13,14 @@ Writes bench/results/base_quality.json and the `base_quality` section of RESULTS
         --out bench/results/base-recipes/base_quality-1500.json
     .venv/bin/python bench/base_quality.py --recipes-table bench/results/base-recipes
 
-scores another pretraining recipe (each JSON records the recipe and its pretraining wall time, from the
+    .venv/bin/python bench/base_quality.py --base-set pair_fraction=0.25 --guidance 1.5 --pairs 40 \
+        --out bench/results/pair-base/base_quality-pairs0.25.json
+    .venv/bin/python bench/base_quality.py --recipes-table bench/results/pair-base --section pair_base
+
+``--pairs N`` also samples N random ordered pairs of base classes ("a photo of a A and a B", at the chosen scale) and
+asks the two-label judge (``stamina_core/eval/pair_judge.py``) whether it finds both: can the base compose its own
+classes? (Session 13: the precondition for the multi-concept column; RESULTS.md "Multi-concept prompts".)
+Each form above scores another pretraining recipe (each JSON records the recipe and its pretraining wall time, from the
 base's ``pretrain.json``); ``--recipes-table`` writes the ``base_recipes`` section of RESULTS.md from a folder
 of such files.
 """
@@ -56,6 +63,14 @@ def pretrain_record(base_dir: str) -> dict:
             "unet_widths": (cfg.get("model") or {}).get("block_out_channels")}
 
 
+def pair_cell(r: dict) -> str:
+    """The base-class pair score of a base_quality JSON (``--pairs``), or a dash."""
+    pr = r.get("pairs")
+    if not pr:
+        return "–"
+    return f"{pr['mean_both_2label']:.2f} (either {pr['mean_either']:.2f}; {pr['n_pairs']} pairs)"
+
+
 def recipes_table(folder: str) -> str:
     """One row per base_quality JSON in ``folder``: the recipe, its pretraining minutes and what it draws."""
     rows = []
@@ -73,11 +88,44 @@ def recipes_table(folder: str) -> str:
                          f"{pr.get('learning_rate', float('nan')):g} | {pr.get('threads')} | {pr.get('snr_gamma') or '–'} | "
                          f"{pr['wall_s'] / 60:.1f} | {pr.get('final_loss_mean_last_100', float('nan')):.4f} | "
                          f"{e['guidance']:g} | {e['by_kind'].get('animal', float('nan')):.2f} | "
-                         f"{e['by_kind'].get('glyph', float('nan')):.2f} | {e['mean']:.2f} | `{r['command']}` |"))
+                         f"{e['by_kind'].get('glyph', float('nan')):.2f} | {e['mean']:.2f} | "
+                         f"{pair_cell(r) if e['guidance'] == r.get('chosen_guidance') else '–'} | "
+                         f"{(r.get('pretrain_config') or {}).get('pair_fraction', 0) or 0:g} | `{r['command']}` |"))
     head = ("| base | UNet widths | steps | batch | samples seen | peak lr | threads | snr_gamma | pretraining wall min "
             "(its `pretrain.json`) | final loss (mean of last 100 steps) | CFG | animals (5) | glyphs (35) | all 40 | "
-            "command |\n|" + "---|" * 15)
+            "base-class pairs: both found by the two-label judge (↑) | pair_fraction | command |\n|" + "---|" * 17)
     return head + "\n" + "\n".join(r[-1] for r in sorted(rows, key=lambda x: x[:-1]))
+
+
+def base_pairs(bundle, bench, judge, pair_judge, n_pairs: int, samples: int, sample_steps: int, guidance: float,
+               classes: int | None = None) -> dict:
+    """``--pairs``: the two-label judge's "both found" on samples of N random ordered pairs of base classes (the same
+    pairs for every base: rng seed 0), and ``either`` = the single-label judge's top class is one of the two."""
+    import itertools
+
+    from stamina_core.pretrain import PAIR_CAPTION
+
+    base = bench.base_classes[:classes]
+    every = list(itertools.permutations(base, 2))
+    if not every:
+        raise SystemExit("--pairs: need at least 2 base classes (--classes)")
+    chosen = np.random.default_rng(0).choice(len(every), min(n_pairs, len(every)), replace=False)
+    rows = []
+    for j in chosen:
+        a, b = every[int(j)]
+        x = sample(bundle, [PAIR_CAPTION.format(a=a.name, b=b.name)] * samples, seeds=list(range(samples)),
+                   num_inference_steps=sample_steps, guidance_scale=guidance)
+        top = judge.predict(x)
+        rows.append({"a": a.name, "b": b.name, "kinds": "+".join(sorted((a.kind, b.kind))),
+                     "both_2label": float(pair_judge.both(x, a.index, b.index).mean()),
+                     "either": float(np.isin(top, [a.index, b.index]).mean())})
+    by_kinds = {k: float(np.mean([r["both_2label"] for r in rows if r["kinds"] == k])) for k in sorted({r["kinds"] for r in rows})}
+    out = {"n_pairs": len(rows), "samples": samples, "guidance": guidance, "rows": rows, "by_kinds": by_kinds,
+           "mean_both_2label": float(np.mean([r["both_2label"] for r in rows])),
+           "mean_either": float(np.mean([r["either"] for r in rows])),
+           "pair_judge": {"dir": os.path.basename(pair_judge.path or ""), **pair_judge.meta["heldout"]}}
+    print(f"base-class pairs: both found {out['mean_both_2label']:.3f} {by_kinds}, either {out['mean_either']:.3f}", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,13 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     add_base_args(p)
     p.add_argument("--out", default=None, help="JSON path (default bench/results/base_quality.json; other paths skip RESULTS.md)")
     p.add_argument("--recipes-table", metavar="DIR", default=None,
-                   help="only tabulate the base_quality JSONs in DIR (one per recipe) into RESULTS.md's base_recipes section")
+                   help="only tabulate the base_quality JSONs in DIR (one per recipe) into a RESULTS.md section")
+    p.add_argument("--section", default="base_recipes", help="the RESULTS.md section --recipes-table writes")
+    p.add_argument("--pairs", type=int, default=0, help="also score N random ordered pairs of base classes "
+                   "('a photo of a A and a B', chosen CFG scale) with the two-label judge")
     args = p.parse_args(argv)
+    if args.pairs < 0:
+        raise SystemExit(f"--pairs: expected a count >= 0, got {args.pairs}")
     if args.recipes_table:
         if not os.path.isdir(args.recipes_table):
             raise SystemExit(f"--recipes-table: {args.recipes_table} is not a folder")
         body = recipes_table(args.recipes_table)
-        update_markdown_section(RESULTS_MD, "base_recipes", body)
+        update_markdown_section(RESULTS_MD, args.section, body)
         print(body)
         return 0
     try:
@@ -131,7 +184,13 @@ def main(argv: list[str] | None = None) -> int:
                       "to_none": float(np.mean([r["to_none"] for r in rows]))})
         print(f"guidance {g}: {by_kind} mean {sweep[-1]['mean']:.3f}", flush=True)
     best = max(sweep, key=lambda e: e["mean"])
-    out = {"base_dir": base_dir, "pretrain_config_hash": pcfg.hash(), "pretrain": pretrain_record(base_dir),
+    pairs = None
+    if args.pairs:
+        from stamina_core.eval.pair_judge import train_pair_judge
+
+        pairs = base_pairs(bundle, bench, judge, train_pair_judge(bench, cache_dir=cache), args.pairs, args.samples,
+                           args.sample_steps, best["guidance"], args.classes)
+    out = {"pretrain_config": pcfg.model_dump(mode="json"), "pairs": pairs,"base_dir": base_dir, "pretrain_config_hash": pcfg.hash(), "pretrain": pretrain_record(base_dir),
            "glyph_style": bcfg.glyph_style,
            "samples": args.samples, "sample_steps": args.sample_steps, "sweep": sweep, "chosen_guidance": best["guidance"],
            # the chosen scale's figures at the top level (the layout readers of the single-scale file used)

@@ -65,7 +65,7 @@ def cmd_pretrain(args) -> int:
 
     try:
         cfg = cli_config(args.test_config, args.steps, args.seed, args.threads, snr_gamma=args.snr_gamma,
-                         legacy=args.legacy)
+                         legacy=args.legacy, pair_fraction=args.pair_fraction)
     except ValueError as e:  # --test-config with --legacy (config errors are ConfigError, handled by main)
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads while training (default 2; another count is another base)")
     s.add_argument("--snr-gamma", type=float, default=None,
                    help="Min-SNR loss weighting (default 5; another value is another base; RESULTS.md 'Base recipes')")
+    s.add_argument("--pair-fraction", type=float, default=None,
+                   help="share of two-object images captioned 'a photo of a A and a B' (default 0; another value is "
+                        "another base; RESULTS.md 'Multi-concept prompts')")
     s.add_argument("--test-config", action="store_true", help="the seconds-long test configuration")
     s.set_defaults(func=cmd_pretrain)
 

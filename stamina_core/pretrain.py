@@ -38,6 +38,9 @@ from .hashing import sha256_file
 from .paths import default_pretrained_dir
 
 DONE_FILE = "done.json"
+# Caption of a two-object pretraining image (PretrainConfig.pair_fraction): the base classes' own caption
+# "a photo of a {name}" joined by "and", in the order the two objects stand (left, right).
+PAIR_CAPTION = "a photo of a {a} and a {b}"
 # The base every table before session 10 ran on (its cache folder: tiny-f4f0e6d5b69f).
 LEGACY_BASE_HASH = "f4f0e6d5b69f"
 INFO_FILE = "pretrain.json"
@@ -83,6 +86,15 @@ class PretrainConfig(StrictModel):
         "common words; False keeps captions byte-level (class names then differ only in their last bytes). "
         "Tried as the default and measured worse on animals and no better on glyphs (RESULTS.md).",
     )
+    pair_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=0.9,
+        description="Fraction of training images replaced by a two-object image: two different base classes side by "
+        "side, each shrunk 2x, at a random height (eval.pair_judge.compose_t), captioned "
+        f"'{PAIR_CAPTION}' (left, right), so the base learns to draw two objects for one 'and' prompt. "
+        "0 (default): single-object captions only, as every base before session 13 (RESULTS.md 'Multi-concept prompts').",
+    )
 
     def hash(self) -> str:
         """Config hash; fields added later are left out while at their defaults, so caches keyed by an
@@ -103,7 +115,7 @@ class PretrainConfig(StrictModel):
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-_LATER_FIELDS = {"word_tokens": False, "threads": 1, "snr_gamma": None}
+_LATER_FIELDS = {"word_tokens": False, "threads": 1, "snr_gamma": None, "pair_fraction": 0.0}
 
 
 
@@ -233,13 +245,20 @@ def _train_pinned(cfg: PretrainConfig, workdir: str, progress: bool) -> dict:
             f"got sample_size={cfg.model.sample_size}, channels={cfg.model.channels}, latent={cfg.model.latent}"
         )
     flip_ok = torch.tensor([bench.classes[int(y)].hflip_ok for y in labels])
-    bundle = build_tiny(model_config(cfg, captions), workdir=os.path.join(workdir, ".build"))
+    pair_caps = pair_captions(bench) if cfg.pair_fraction > 0 else {}
+    bundle = build_tiny(model_config(cfg, captions + sorted(pair_caps.values())), workdir=os.path.join(workdir, ".build"))
     unet, te = bundle.unet, bundle.text_encoder
-    uniq = sorted(set(captions)) + [""]
+    uniq = sorted(set(captions) | set(pair_caps.values())) + [""]
+    _check_caption_lengths(bundle.tokenizer, uniq)
     cap_index = {c: i for i, c in enumerate(uniq)}
     ids_table = bundle.tokenize(uniq)
     cap_ids = torch.tensor([cap_index[c] for c in captions])
     empty = cap_index[""]
+    labels_t = torch.as_tensor(labels, dtype=torch.long)
+    n_labels = int(labels_t.max()) + 1
+    pair_cid = torch.full((n_labels, n_labels), -1, dtype=torch.long)  # (left label, right label) -> caption id
+    for (la, lb), cap in pair_caps.items():
+        pair_cid[la, lb] = cap_index[cap]
     opt = torch.optim.AdamW(
         [
             {"params": list(unet.parameters()), "lr": cfg.learning_rate},
@@ -271,6 +290,8 @@ def _train_pinned(cfg: PretrainConfig, workdir: str, progress: bool) -> dict:
         cid = torch.where(torch.rand(bs, generator=g) < cfg.cfg_dropout, torch.full((bs,), empty), cap_ids[idx])
         noise = torch.randn(x.shape, generator=g)
         t = torch.randint(0, T, (bs,), generator=g)
+        if pair_caps:  # drawn after the single-object draws, so pair_fraction 0 keeps every base bit for bit
+            x, cid = _with_pairs(cfg, g, x, cid, idx, images, labels_t, pair_cid, empty)
         noisy = ns.add_noise(x, noise, t)
         ctx = te(ids_table[cid])[0]
         pred = unet(noisy, t, encoder_hidden_states=ctx).sample
@@ -315,9 +336,47 @@ def _train_pinned(cfg: PretrainConfig, workdir: str, progress: bool) -> dict:
     }
 
 
+def pair_captions(bench: ContinualBenchmark) -> dict[tuple[int, int], str]:
+    """Caption of every ordered pair of two different base classes, keyed by (left, right) judge label."""
+    base = bench.base_classes
+    return {(a.index, b.index): PAIR_CAPTION.format(a=a.name, b=b.name) for a in base for b in base if a.index != b.index}
+
+
+def _check_caption_lengths(tokenizer, captions: list[str]) -> None:
+    """Every caption must fit the tokenizer's length: a truncated pair caption would lose its second object."""
+    limit = tokenizer.model_max_length
+    for c in captions:
+        n = len(tokenizer(c, truncation=False)["input_ids"])
+        if n > limit:
+            raise CheckpointError(f"pretrain: caption {c!r} is {n} tokens, over model.max_length={limit}; "
+                                  "raise model.max_length or use shorter class names")
+
+
+def _with_pairs(cfg: PretrainConfig, g, x, cid, idx, images, labels_t, pair_cid, empty):
+    """Replace a ``cfg.pair_fraction`` share of the batch by side-by-side composites of two different classes (the
+    batch's image on the left, a random other image on the right, at a random height) with their pair caption;
+    images whose caption was dropped for classifier-free guidance keep the empty caption."""
+    import torch
+
+    from .eval.pair_judge import compose_t
+
+    bs, h = x.shape[0], x.shape[-2]
+    want = torch.rand(bs, generator=g) < cfg.pair_fraction
+    idx2 = torch.randint(0, len(images), (bs,), generator=g)
+    offset = torch.randint(0, h // 2 + 1, (bs,), generator=g)
+    la, lb = labels_t[idx], labels_t[idx2]
+    use = want & (la != lb)
+    if not bool(use.any()):
+        return x, cid
+    comp = compose_t(x, images[idx2], "side_by_side", offset)
+    x = torch.where(use[:, None, None, None], comp, x)
+    cid = torch.where(use & (cid != empty), pair_cid[la, lb], cid)
+    return x, cid
+
+
 def cli_config(test_config: bool = False, steps: int | None = None, seed: int | None = None,
                threads: int | None = None, word_tokens: bool = False, snr_gamma: float | None = None,
-               legacy: bool = False) -> PretrainConfig:
+               legacy: bool = False, pair_fraction: float | None = None) -> PretrainConfig:
     """The config the CLIs build (``stamina pretrain-tiny``, ``python -m stamina_core.pretrain``), validated;
     ``legacy`` starts from the pre-session-10 default (``legacy_pretrain_config``)."""
     if test_config and legacy:
@@ -334,6 +393,8 @@ def cli_config(test_config: bool = False, steps: int | None = None, seed: int | 
         upd["word_tokens"] = True
     if snr_gamma is not None:
         upd["snr_gamma"] = snr_gamma
+    if pair_fraction is not None:
+        upd["pair_fraction"] = pair_fraction
     return parse(PretrainConfig, {**cfg.model_dump(), **upd}, source="pretrain")
 
 
@@ -352,9 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--legacy", action="store_true", help="the pre-session-10 base tiny-f4f0e6d5b69f (32,64,64, plain MSE, 1 thread)")
     p.add_argument("--word-tokens", action="store_true", help="one token id per caption word (PretrainConfig.word_tokens)")
     p.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR loss weighting (PretrainConfig.snr_gamma)")
+    p.add_argument("--pair-fraction", type=float, default=None, help="share of two-object captioned images "
+                   "(PretrainConfig.pair_fraction; default 0)")
     a = p.parse_args(argv)
     try:
-        cfg = cli_config(a.tiny, a.max_train_steps, a.seed, a.threads, a.word_tokens, a.snr_gamma, a.legacy)
+        cfg = cli_config(a.tiny, a.max_train_steps, a.seed, a.threads, a.word_tokens, a.snr_gamma, a.legacy,
+                         a.pair_fraction)
     except ValueError as e:
         raise SystemExit(str(e))
     print(pretrain_tiny(cfg, a.cache_dir or default_pretrained_dir(), progress=True))

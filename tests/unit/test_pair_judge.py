@@ -140,3 +140,27 @@ def test_pairs_column_reports_two_label_runs_separately():
     assert pairs_column(runs[1:]) == "0.000"
     assert pairs_column([{"pairs": None}]) == "–"
     assert json.dumps(pairs_column(runs[:1])) == '"0.000 / 2-label 0.250"'
+
+
+def test_base_pairs_scores_the_same_ordered_base_pairs_for_every_base(bench, trained):
+    """bench/base_quality.py --pairs: N distinct ordered pairs of base classes (rng seed 0, so every base is asked
+    the same pairs), each sampled with the pretraining pair caption and scored by both judges."""
+    from bench.base_quality import base_pairs, pair_cell
+    from stamina_core.eval.judge import tiny_judge_config, train_judge
+    from stamina_core.models import TinyModelConfig, build_tiny
+
+    _, pjudge = trained
+    judge = train_judge(bench, os.path.dirname(pjudge.path), tiny_judge_config())
+    bundle = build_tiny(TinyModelConfig(block_out_channels=[8, 16], cross_attention_dim=16, text_layers=1,
+                                        text_intermediate=32, attention_head_dim=2)).eval()
+    out = base_pairs(bundle, bench, judge, pjudge, n_pairs=3, samples=2, sample_steps=2, guidance=1.5)
+    again = base_pairs(bundle, bench, judge, pjudge, n_pairs=3, samples=2, sample_steps=2, guidance=1.5)
+    names = {c.name: c.kind for c in bench.base_classes}
+    assert out["n_pairs"] == 3 and [(r["a"], r["b"]) for r in out["rows"]] == [(r["a"], r["b"]) for r in again["rows"]]
+    assert len({(r["a"], r["b"]) for r in out["rows"]}) == 3 and all(r["a"] != r["b"] and r["a"] in names for r in out["rows"])
+    assert all(0 <= r["both_2label"] <= 1 and r["kinds"] == "+".join(sorted((names[r["a"]], names[r["b"]])))
+               for r in out["rows"])
+    assert out["mean_both_2label"] == pytest.approx(np.mean([r["both_2label"] for r in out["rows"]]))
+    assert pair_cell({"pairs": out}).endswith("3 pairs)") and pair_cell({}) == "–"
+    with pytest.raises(SystemExit, match="at least 2 base classes"):
+        base_pairs(bundle, bench, judge, pjudge, n_pairs=3, samples=2, sample_steps=2, guidance=1.5, classes=1)

@@ -177,6 +177,9 @@ def test_pretrain_cli_builds_a_validated_config(tmp_path, capsys, monkeypatch):
     assert pt.cli_config(legacy=True).hash() == "f4f0e6d5b69f" and pt.cli_config().hash() == pt.PretrainConfig().hash()
     assert cli_main(["pretrain-tiny", "--test-config", "--legacy", "--cache-dir", str(tmp_path)]) == 2
     assert "--legacy" in capsys.readouterr().err
+    assert cli_main(["pretrain-tiny", "--pair-fraction", "2", "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pair_fraction" in err
     monkeypatch.setenv("STAMINA_CACHE", str(tmp_path / "root"))
     from components.model_io import default_cache_dir
 
@@ -229,3 +232,61 @@ def test_min_snr_weighting_is_config_and_trains(cache, tmp_path):
     out = tmp_path / "cli"
     assert cli_main(["pretrain-tiny", "--test-config", "--snr-gamma", "5", "--cache-dir", str(out)]) == 0
     assert os.listdir(out) == [os.path.basename(path)]  # the CLI flag builds the same key as the config above
+
+
+def test_pair_fraction_composes_two_classes_with_their_pair_caption():
+    """Two-object pretraining images: side by side (left = the batch's image), captioned "a photo of a A and a B" in
+    that order; CFG-dropped captions stay empty; same-class draws stay single; 0 keeps the key of every older base."""
+    from stamina_core.data.benchmark import ContinualBenchmark
+
+    assert pt.PretrainConfig(pair_fraction=0.0).hash() == pt.PretrainConfig().hash() == "cfa93dc5f8ec"
+    assert pt.PretrainConfig(pair_fraction=0.25).hash() != pt.PretrainConfig().hash()
+    with pytest.raises(Exception, match="pair_fraction"):
+        pt.PretrainConfig(pair_fraction=1.0)
+    cfg = pt.tiny_pretrain_config().model_copy(update={"pair_fraction": 0.9})
+    bench = ContinualBenchmark(cfg.benchmark)
+    caps = pt.pair_captions(bench)
+    names = {c.index: c.name for c in bench.base_classes}
+    assert len(caps) == len(names) * (len(names) - 1)
+    a, b = sorted(names)[:2]
+    assert caps[(a, b)] == f"a photo of a {names[a]} and a {names[b]}" != caps[(b, a)]
+    # two classes, four images each: image k is class k // 4, all pixels = its class value
+    labels = torch.tensor([a] * 4 + [b] * 4)
+    images = torch.where(labels == a, -0.5, 0.5)[:, None, None, None].expand(8, 1, 16, 16).clone()
+    pair_cid = torch.full((max(a, b) + 1,) * 2, -1)
+    pair_cid[a, b], pair_cid[b, a] = 100, 101
+    empty = 7
+    idx = torch.arange(8)
+    cid = torch.tensor([1, 1, 1, 1, 2, 2, 2, empty])
+    x, out = pt._with_pairs(cfg, torch.Generator().manual_seed(0), images[idx].clone(), cid.clone(), idx, images,
+                            labels, pair_cid, empty)
+    paired = (x == -1).flatten(1).any(1)  # a composite has black margins; singles are flat
+    assert 0 < int(paired.sum()) < 8
+    for k in range(8):
+        if not paired[k]:
+            assert torch.equal(x[k], images[k]) and out[k] == cid[k]
+            continue
+        left, right = x[k, 0, :, :8], x[k, 0, :, 8:]
+        assert left.max() == images[k].max()  # the batch's own class on the left
+        other = b if labels[k] == a else a
+        assert right.max() == images[labels.tolist().index(other)].max()
+        assert int(out[k]) == (empty if cid[k] == empty else int(pair_cid[labels[k], other]))
+
+
+def test_a_pair_caption_longer_than_the_tokenizer_is_one_clear_error(tmp_path):
+    from stamina_core.models.tokenizer import build_byte_tokenizer
+
+    tok = build_byte_tokenizer(str(tmp_path), model_max_length=20)
+    pt._check_caption_lengths(tok, ["a photo of a cat"])
+    with pytest.raises(pt.CheckpointError, match=r"caption 'a photo of a cat and a dog' is 2\d tokens, over model.max_length=20"):
+        pt._check_caption_lengths(tok, ["a photo of a cat", "a photo of a cat and a dog"])
+
+
+def test_pair_pretraining_trains_and_the_cli_takes_the_fraction(tmp_path):
+    cfg = pt.cli_config(test_config=True, pair_fraction=0.5)
+    assert cfg.pair_fraction == 0.5
+    path = pt.pretrain_tiny(cfg, str(tmp_path), progress=False)
+    info = json.load(open(os.path.join(path, pt.INFO_FILE)))
+    assert info["config"]["pair_fraction"] == 0.5 and info["final_loss_mean_last_100"] < 1.5
+    b = load_model(path)
+    assert b.tokenizer.model_max_length >= 35
