@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-slow test-all bench bench-base-quality bench-continual bench-continual-variants bench-continual-tune bench-continual-tune-mask bench-continual-tune-mask-base15 bench-continual-base15-mask bench-continual-base15-pairs bench-pair-reference bench-continual-ablation bench-classification bench-pipeline pretrain stack-up stack-down clean
+.PHONY: install run test test-slow test-all bench bench-base-quality bench-continual bench-continual-variants bench-continual-tune bench-continual-tune-mask bench-continual-tune-mask-base15 bench-continual-base15-mask bench-continual-base15-pairs bench-pair-base bench-continual-pairbase-pairs bench-pair-reference bench-continual-ablation bench-classification bench-pipeline pretrain stack-up stack-down clean
 
 install: $(STAMP)
 
@@ -229,6 +229,28 @@ bench-continual-base15-pairs: install
 	 wait $$p1; r1=$$?; wait $$p2; r2=$$?; \
 	 if [ $$r1 -ne 0 ] || [ $$r2 -ne 0 ]; then tail -n 20 $(LOGS)/base15-pairs-*.log; exit 1; fi
 	$(PY) bench/continual.py --results-table bench/results/base15-pairs
+
+# Session 13: a base that composes its own classes. The 15-minute recipe with a quarter of its images replaced by two
+# base classes side by side, captioned "a photo of a A and a B" (PretrainConfig.pair_fraction; another base, about 15
+# min to pretrain, cached). bench-pair-base asks each base to draw 40 ordered pairs of its own classes (two-label
+# judge); bench-continual-pairbase-pairs runs the session-12 pairs protocol (PAIRS15) on that base. Results in
+# bench/results/pair-base and bench/results/pairbase-pairs (RESULTS.md "Multi-concept prompts").
+PAIR_BASE = --base-set pair_fraction=0.25
+bench-pair-base: install
+	$(PY) bench/base_quality.py $(PAIR_BASE) --guidance 1.5 --pairs 40 --out bench/results/pair-base/base_quality-pairs0.25.json
+	$(PY) bench/base_quality.py --guidance 1.5 --pairs 40 --out bench/results/pair-base/base_quality-default.json
+	$(PY) bench/base_quality.py --recipes-table bench/results/pair-base --section pair_base
+PAIRSPB = $(PY) bench/continual.py --kind animal --concepts 5 --steps 300 --eval full --samples 32 --pairs 10 --threads 1 $(PAIR_BASE) --seeds $(SEEDS15) $(ADD15) --results-dir bench/results/pairbase-pairs
+bench-continual-pairbase-pairs: install
+	@mkdir -p $(LOGS)
+	@( $(PAIRSPB) --method stamina --tag preserve $(STAMINA_LR15) --set preserve.weight=0.1 && \
+	   $(PAIRSPB) --method stamina $(STAMINA_LR15) && \
+	   $(PAIRSPB) --method clora $(CLORA_LR15) ) > $(LOGS)/pairbase-pairs-1.log 2>&1 & p1=$$!; \
+	 ( $(PAIRSPB) --method lora_seq --tag preserve $(LORA_LR15) --set preserve.weight=0.1 && \
+	   $(PAIRSPB) --method lora_seq $(LORA_LR15) ) > $(LOGS)/pairbase-pairs-2.log 2>&1 & p2=$$!; \
+	 wait $$p1; r1=$$?; wait $$p2; r2=$$?; \
+	 if [ $$r1 -ne 0 ] || [ $$r2 -ne 0 ]; then tail -n 20 $(LOGS)/pairbase-pairs-*.log; exit 1; fi
+	$(PY) bench/continual.py --results-table bench/results/pairbase-pairs
 
 # Session 12: what the multi-concept column can measure: both judges' pair rules on real two-object composites of
 # every pair of the 50 concepts (RESULTS.md "Multi-concept prompts"); judge and two-label judge are cached.

@@ -68,7 +68,8 @@ def pair_cell(r: dict) -> str:
     pr = r.get("pairs")
     if not pr:
         return "–"
-    return f"{pr['mean_both_2label']:.2f} (either {pr['mean_either']:.2f}; {pr['n_pairs']} pairs)"
+    kinds = f" {'/'.join(pr['kinds'])}" if pr.get("kinds") else ""
+    return f"{pr['mean_both_2label']:.2f} (either {pr['mean_either']:.2f}; {pr['n_pairs']}{kinds} pairs)"
 
 
 def recipes_table(folder: str) -> str:
@@ -98,14 +99,14 @@ def recipes_table(folder: str) -> str:
 
 
 def base_pairs(bundle, bench, judge, pair_judge, n_pairs: int, samples: int, sample_steps: int, guidance: float,
-               classes: int | None = None) -> dict:
+               classes: int | None = None, kinds: list[str] | None = None) -> dict:
     """``--pairs``: the two-label judge's "both found" on samples of N random ordered pairs of base classes (the same
     pairs for every base: rng seed 0), and ``either`` = the single-label judge's top class is one of the two."""
     import itertools
 
     from stamina_core.pretrain import PAIR_CAPTION
 
-    base = bench.base_classes[:classes]
+    base = [c for c in bench.base_classes[:classes] if not kinds or c.kind in kinds]
     every = list(itertools.permutations(base, 2))
     if not every:
         raise SystemExit("--pairs: need at least 2 base classes (--classes)")
@@ -120,7 +121,7 @@ def base_pairs(bundle, bench, judge, pair_judge, n_pairs: int, samples: int, sam
                      "both_2label": float(pair_judge.both(x, a.index, b.index).mean()),
                      "either": float(np.isin(top, [a.index, b.index]).mean())})
     by_kinds = {k: float(np.mean([r["both_2label"] for r in rows if r["kinds"] == k])) for k in sorted({r["kinds"] for r in rows})}
-    out = {"n_pairs": len(rows), "samples": samples, "guidance": guidance, "rows": rows, "by_kinds": by_kinds,
+    out = {"n_pairs": len(rows), "kinds": list(kinds or []), "samples": samples, "guidance": guidance, "rows": rows, "by_kinds": by_kinds,
            "mean_both_2label": float(np.mean([r["both_2label"] for r in rows])),
            "mean_either": float(np.mean([r["either"] for r in rows])),
            "pair_judge": {"dir": os.path.basename(pair_judge.path or ""), **pair_judge.meta["heldout"]}}
@@ -145,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--section", default="base_recipes", help="the RESULTS.md section --recipes-table writes")
     p.add_argument("--pairs", type=int, default=0, help="also score N random ordered pairs of base classes "
                    "('a photo of a A and a B', chosen CFG scale) with the two-label judge")
+    p.add_argument("--pair-kinds", type=lambda v: [k for k in v.split(",") if k], default=[],
+                   help="--pairs only among base classes of these kinds (comma-separated: animal, glyph)")
     args = p.parse_args(argv)
+    if set(args.pair_kinds) - {"animal", "glyph"}:
+        raise SystemExit(f"--pair-kinds: expected animal and/or glyph, got {','.join(args.pair_kinds)!r}")
     if args.pairs < 0:
         raise SystemExit(f"--pairs: expected a count >= 0, got {args.pairs}")
     if args.recipes_table:
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         from stamina_core.eval.pair_judge import train_pair_judge
 
         pairs = base_pairs(bundle, bench, judge, train_pair_judge(bench, cache_dir=cache), args.pairs, args.samples,
-                           args.sample_steps, best["guidance"], args.classes)
+                           args.sample_steps, best["guidance"], args.classes, args.pair_kinds)
     out = {"pretrain_config": pcfg.model_dump(mode="json"), "pairs": pairs,"base_dir": base_dir, "pretrain_config_hash": pcfg.hash(), "pretrain": pretrain_record(base_dir),
            "glyph_style": bcfg.glyph_style,
            "samples": args.samples, "sample_steps": args.sample_steps, "sweep": sweep, "chosen_guidance": best["guidance"],

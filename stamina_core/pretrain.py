@@ -28,7 +28,9 @@ import os
 import shutil
 import time
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from .config import StrictModel, config_hash, parse
 from .data.benchmark import LEGACY_HASH_VALUES, BenchmarkConfig, ContinualBenchmark, to_tensor_range, tiny_benchmark_config
@@ -95,6 +97,22 @@ class PretrainConfig(StrictModel):
         f"'{PAIR_CAPTION}' (left, right), so the base learns to draw two objects for one 'and' prompt. "
         "0 (default): single-object captions only, as every base before session 13 (RESULTS.md 'Multi-concept prompts').",
     )
+    pair_kinds: list[Literal["animal", "glyph"]] = Field(
+        default_factory=list,
+        description="With pair_fraction: pair only base classes of these kinds ('animal', 'glyph'), both images drawn "
+        "from that pool; empty (default): any two different base classes, the batch's image on the left.",
+    )
+
+    @field_validator("pair_kinds", mode="before")
+    @classmethod
+    def _kinds_from_text(cls, v):
+        return [k.strip() for k in v.split(",") if k.strip()] if isinstance(v, str) else v  # --base-set pair_kinds=animal
+
+    @model_validator(mode="after")
+    def _pair_kinds_need_pairs(self) -> "PretrainConfig":
+        if self.pair_kinds and not self.pair_fraction:
+            raise ValueError("pair_kinds: only used with pair_fraction > 0")
+        return self
 
     def hash(self) -> str:
         """Config hash; fields added later are left out while at their defaults, so caches keyed by an
@@ -115,7 +133,7 @@ class PretrainConfig(StrictModel):
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-_LATER_FIELDS = {"word_tokens": False, "threads": 1, "snr_gamma": None, "pair_fraction": 0.0}
+_LATER_FIELDS = {"word_tokens": False, "threads": 1, "snr_gamma": None, "pair_fraction": 0.0, "pair_kinds": []}
 
 
 
@@ -245,7 +263,7 @@ def _train_pinned(cfg: PretrainConfig, workdir: str, progress: bool) -> dict:
             f"got sample_size={cfg.model.sample_size}, channels={cfg.model.channels}, latent={cfg.model.latent}"
         )
     flip_ok = torch.tensor([bench.classes[int(y)].hflip_ok for y in labels])
-    pair_caps = pair_captions(bench) if cfg.pair_fraction > 0 else {}
+    pair_caps = pair_captions(bench, cfg.pair_kinds) if cfg.pair_fraction > 0 else {}
     bundle = build_tiny(model_config(cfg, captions + sorted(pair_caps.values())), workdir=os.path.join(workdir, ".build"))
     unet, te = bundle.unet, bundle.text_encoder
     uniq = sorted(set(captions) | set(pair_caps.values())) + [""]
@@ -259,6 +277,10 @@ def _train_pinned(cfg: PretrainConfig, workdir: str, progress: bool) -> dict:
     pair_cid = torch.full((n_labels, n_labels), -1, dtype=torch.long)  # (left label, right label) -> caption id
     for (la, lb), cap in pair_caps.items():
         pair_cid[la, lb] = cap_index[cap]
+    pool = None
+    if cfg.pair_kinds:
+        kinds = {c.index: c.kind for c in bench.base_classes}
+        pool = torch.tensor([i for i, y in enumerate(labels.tolist()) if kinds[int(y)] in cfg.pair_kinds])
     opt = torch.optim.AdamW(
         [
             {"params": list(unet.parameters()), "lr": cfg.learning_rate},
@@ -291,7 +313,7 @@ def _train_pinned(cfg: PretrainConfig, workdir: str, progress: bool) -> dict:
         noise = torch.randn(x.shape, generator=g)
         t = torch.randint(0, T, (bs,), generator=g)
         if pair_caps:  # drawn after the single-object draws, so pair_fraction 0 keeps every base bit for bit
-            x, cid = _with_pairs(cfg, g, x, cid, idx, images, labels_t, pair_cid, empty)
+            x, cid = _with_pairs(cfg, g, x, cid, idx, images, labels_t, pair_cid, empty, pool)
         noisy = ns.add_noise(x, noise, t)
         ctx = te(ids_table[cid])[0]
         pred = unet(noisy, t, encoder_hidden_states=ctx).sample
@@ -336,9 +358,12 @@ def _train_pinned(cfg: PretrainConfig, workdir: str, progress: bool) -> dict:
     }
 
 
-def pair_captions(bench: ContinualBenchmark) -> dict[tuple[int, int], str]:
-    """Caption of every ordered pair of two different base classes, keyed by (left, right) judge label."""
-    base = bench.base_classes
+def pair_captions(bench: ContinualBenchmark, kinds: list[str] | None = None) -> dict[tuple[int, int], str]:
+    """Caption of every ordered pair of two different base classes (of ``kinds``; all when empty), keyed by (left,
+    right) judge label."""
+    base = [c for c in bench.base_classes if not kinds or c.kind in kinds]
+    if len(base) < 2:
+        raise CheckpointError(f"pair_kinds: {kinds} leaves {len(base)} base class(es); pairs need at least 2")
     return {(a.index, b.index): PAIR_CAPTION.format(a=a.name, b=b.name) for a in base for b in base if a.index != b.index}
 
 
@@ -352,23 +377,30 @@ def _check_caption_lengths(tokenizer, captions: list[str]) -> None:
                                   "raise model.max_length or use shorter class names")
 
 
-def _with_pairs(cfg: PretrainConfig, g, x, cid, idx, images, labels_t, pair_cid, empty):
+def _with_pairs(cfg: PretrainConfig, g, x, cid, idx, images, labels_t, pair_cid, empty, pool=None):
     """Replace a ``cfg.pair_fraction`` share of the batch by side-by-side composites of two different classes (the
     batch's image on the left, a random other image on the right, at a random height) with their pair caption;
-    images whose caption was dropped for classifier-free guidance keep the empty caption."""
+    images whose caption was dropped for classifier-free guidance keep the empty caption. With ``pool`` (indices of
+    the images of ``cfg.pair_kinds``), both images of a pair come from the pool."""
     import torch
 
     from .eval.pair_judge import compose_t
 
     bs, h = x.shape[0], x.shape[-2]
     want = torch.rand(bs, generator=g) < cfg.pair_fraction
-    idx2 = torch.randint(0, len(images), (bs,), generator=g)
+    left = x
+    if pool is not None:
+        idx = pool[torch.randint(0, len(pool), (bs,), generator=g)]
+        left = images[idx]
+        idx2 = pool[torch.randint(0, len(pool), (bs,), generator=g)]
+    else:
+        idx2 = torch.randint(0, len(images), (bs,), generator=g)
     offset = torch.randint(0, h // 2 + 1, (bs,), generator=g)
     la, lb = labels_t[idx], labels_t[idx2]
-    use = want & (la != lb)
+    use = want & (la != lb) & (pair_cid[la, lb] >= 0)
     if not bool(use.any()):
         return x, cid
-    comp = compose_t(x, images[idx2], "side_by_side", offset)
+    comp = compose_t(left, images[idx2], "side_by_side", offset)
     x = torch.where(use[:, None, None, None], comp, x)
     cid = torch.where(use & (cid != empty), pair_cid[la, lb], cid)
     return x, cid
@@ -376,7 +408,8 @@ def _with_pairs(cfg: PretrainConfig, g, x, cid, idx, images, labels_t, pair_cid,
 
 def cli_config(test_config: bool = False, steps: int | None = None, seed: int | None = None,
                threads: int | None = None, word_tokens: bool = False, snr_gamma: float | None = None,
-               legacy: bool = False, pair_fraction: float | None = None) -> PretrainConfig:
+               legacy: bool = False, pair_fraction: float | None = None,
+               pair_kinds: list[str] | None = None) -> PretrainConfig:
     """The config the CLIs build (``stamina pretrain-tiny``, ``python -m stamina_core.pretrain``), validated;
     ``legacy`` starts from the pre-session-10 default (``legacy_pretrain_config``)."""
     if test_config and legacy:
@@ -395,6 +428,8 @@ def cli_config(test_config: bool = False, steps: int | None = None, seed: int | 
         upd["snr_gamma"] = snr_gamma
     if pair_fraction is not None:
         upd["pair_fraction"] = pair_fraction
+    if pair_kinds:
+        upd["pair_kinds"] = pair_kinds
     return parse(PretrainConfig, {**cfg.model_dump(), **upd}, source="pretrain")
 
 

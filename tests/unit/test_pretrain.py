@@ -290,3 +290,41 @@ def test_pair_pretraining_trains_and_the_cli_takes_the_fraction(tmp_path):
     assert info["config"]["pair_fraction"] == 0.5 and info["final_loss_mean_last_100"] < 1.5
     b = load_model(path)
     assert b.tokenizer.model_max_length >= 35
+
+
+def test_pair_kinds_pair_only_that_pool_and_are_validated():
+    from stamina_core.data.benchmark import ContinualBenchmark
+
+    assert pt.PretrainConfig(pair_fraction=0.25, pair_kinds="animal").pair_kinds == ["animal"]
+    assert pt.PretrainConfig(pair_fraction=0.25, pair_kinds=[]).hash() == pt.PretrainConfig(pair_fraction=0.25).hash()
+    assert pt.PretrainConfig(pair_fraction=0.25, pair_kinds=["animal"]).hash() != pt.PretrainConfig(pair_fraction=0.25).hash()
+    with pytest.raises(Exception, match="pair_kinds"):
+        pt.PretrainConfig(pair_fraction=0.25, pair_kinds=["fish"])
+    with pytest.raises(Exception, match="only used with pair_fraction"):
+        pt.PretrainConfig(pair_kinds=["animal"])
+    cfg = pt.tiny_pretrain_config().model_copy(update={"pair_fraction": 0.9, "pair_kinds": ["animal"]})
+    bench = ContinualBenchmark(cfg.benchmark)
+    kinds = {c.index: c.kind for c in bench.base_classes}
+    caps = pt.pair_captions(bench, ["animal"])
+    assert caps and all(kinds[a] == kinds[b] == "animal" for a, b in caps)
+    # 4 animal images of two classes and 4 glyph images; the batch holds only glyphs: pairs come from the pool alone
+    an = [i for i, k in kinds.items() if k == "animal"][:2]
+    gl = [i for i, k in kinds.items() if k == "glyph"][0]
+    labels = torch.tensor([an[0], an[0], an[1], an[1], gl, gl, gl, gl])
+    images = torch.linspace(-0.9, 0.9, 8)[:, None, None, None].expand(8, 1, 16, 16).clone()
+    pair_cid = torch.full((max(kinds) + 1,) * 2, -1)
+    for (a, b) in caps:
+        pair_cid[a, b] = 1000 + 10 * a + b
+    idx = torch.tensor([4, 5, 6, 7, 4, 5, 6, 7])
+    x, cid = pt._with_pairs(cfg, torch.Generator().manual_seed(1), images[idx].clone(), torch.zeros(8, dtype=torch.long),
+                            idx, images, labels, pair_cid, 99, pool=torch.arange(4))
+    paired = (x == -1).flatten(1).any(1)
+    assert int(paired.sum()) > 0
+    for k in torch.nonzero(paired).flatten().tolist():
+        left, right = float(x[k, 0, :, :8].max()), float(x[k, 0, :, 8:].max())
+        la = labels[[i for i in range(4) if abs(float(images[i].max()) - left) < 1e-6][0]]
+        lb = labels[[i for i in range(4) if abs(float(images[i].max()) - right) < 1e-6][0]]
+        assert la != lb and int(cid[k]) == 1000 + 10 * int(la) + int(lb)
+    one_animal = ContinualBenchmark(cfg.benchmark.model_copy(update={"base_animals": [0]}))
+    with pytest.raises(pt.CheckpointError, match="pair_kinds: \\['animal'\\] leaves 1 base class"):
+        pt.pair_captions(one_animal, ["animal"])
