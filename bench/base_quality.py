@@ -99,7 +99,7 @@ def recipes_table(folder: str) -> str:
 
 
 def base_pairs(bundle, bench, judge, pair_judge, n_pairs: int, samples: int, sample_steps: int, guidance: float,
-               classes: int | None = None, kinds: list[str] | None = None) -> dict:
+               classes: int | None = None, kinds: list[str] | None = None, png: str | None = None) -> dict:
     """``--pairs``: the two-label judge's "both found" on samples of N random ordered pairs of base classes (the same
     pairs for every base: rng seed 0), and ``either`` = the single-label judge's top class is one of the two."""
     import itertools
@@ -111,12 +111,13 @@ def base_pairs(bundle, bench, judge, pair_judge, n_pairs: int, samples: int, sam
     if not every:
         raise SystemExit("--pairs: need at least 2 base classes (--classes)")
     chosen = np.random.default_rng(0).choice(len(every), min(n_pairs, len(every)), replace=False)
-    rows = []
+    rows, shown = [], []
     for j in chosen:
         a, b = every[int(j)]
         x = sample(bundle, [PAIR_CAPTION.format(a=a.name, b=b.name)] * samples, seeds=list(range(samples)),
                    num_inference_steps=sample_steps, guidance_scale=guidance)
         top = judge.predict(x)
+        shown.append(x[:8])
         rows.append({"a": a.name, "b": b.name, "kinds": "+".join(sorted((a.kind, b.kind))),
                      "both_2label": float(pair_judge.both(x, a.index, b.index).mean()),
                      "either": float(np.isin(top, [a.index, b.index]).mean())})
@@ -125,6 +126,11 @@ def base_pairs(bundle, bench, judge, pair_judge, n_pairs: int, samples: int, sam
            "mean_both_2label": float(np.mean([r["both_2label"] for r in rows])),
            "mean_either": float(np.mean([r["either"] for r in rows])),
            "pair_judge": {"dir": os.path.basename(pair_judge.path or ""), **pair_judge.meta["heldout"]}}
+    if png:  # what the numbers are about: 8 samples of each of the first 12 pairs
+        from stamina_core.eval.plots import sample_grid
+
+        out["examples"] = sample_grid(shown[:12], [f"{r['a']} and {r['b']}: {r['both_2label']:.2f}" for r in rows[:12]],
+                                      png, max_per_row=8, title="'a photo of a A and a B' (both found by the two-label judge)")
     print(f"base-class pairs: both found {out['mean_both_2label']:.3f} {by_kinds}, either {out['mean_either']:.3f}", flush=True)
     return out
 
@@ -194,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         from stamina_core.eval.pair_judge import train_pair_judge
 
         pairs = base_pairs(bundle, bench, judge, train_pair_judge(bench, cache_dir=cache), args.pairs, args.samples,
-                           args.sample_steps, best["guidance"], args.classes, args.pair_kinds)
+                           args.sample_steps, best["guidance"], args.classes, args.pair_kinds,
+                           png=os.path.splitext(args.out or os.path.join(RESULTS_DIR, "base_quality.json"))[0] + "-pairs.png")
     out = {"pretrain_config": pcfg.model_dump(mode="json"), "pairs": pairs,"base_dir": base_dir, "pretrain_config_hash": pcfg.hash(), "pretrain": pretrain_record(base_dir),
            "glyph_style": bcfg.glyph_style,
            "samples": args.samples, "sample_steps": args.sample_steps, "sweep": sweep, "chosen_guidance": best["guidance"],

@@ -142,7 +142,7 @@ def test_pairs_column_reports_two_label_runs_separately():
     assert json.dumps(pairs_column(runs[:1])) == '"0.000 / 2-label 0.250"'
 
 
-def test_base_pairs_scores_the_same_ordered_base_pairs_for_every_base(bench, trained):
+def test_base_pairs_scores_the_same_ordered_base_pairs_for_every_base(bench, trained, tmp_path):
     """bench/base_quality.py --pairs: N distinct ordered pairs of base classes (rng seed 0, so every base is asked
     the same pairs), each sampled with the pretraining pair caption and scored by both judges."""
     from bench.base_quality import base_pairs, pair_cell
@@ -153,7 +153,9 @@ def test_base_pairs_scores_the_same_ordered_base_pairs_for_every_base(bench, tra
     judge = train_judge(bench, os.path.dirname(pjudge.path), tiny_judge_config())
     bundle = build_tiny(TinyModelConfig(block_out_channels=[8, 16], cross_attention_dim=16, text_layers=1,
                                         text_intermediate=32, attention_head_dim=2)).eval()
-    out = base_pairs(bundle, bench, judge, pjudge, n_pairs=3, samples=2, sample_steps=2, guidance=1.5)
+    out = base_pairs(bundle, bench, judge, pjudge, n_pairs=3, samples=2, sample_steps=2, guidance=1.5,
+                     png=str(tmp_path / "pairs.png"))
+    assert out["examples"] == str(tmp_path / "pairs.png") and os.path.getsize(out["examples"]) > 0
     again = base_pairs(bundle, bench, judge, pjudge, n_pairs=3, samples=2, sample_steps=2, guidance=1.5)
     names = {c.name: c.kind for c in bench.base_classes}
     assert out["n_pairs"] == 3 and [(r["a"], r["b"]) for r in out["rows"]] == [(r["a"], r["b"]) for r in again["rows"]]
@@ -164,3 +166,6 @@ def test_base_pairs_scores_the_same_ordered_base_pairs_for_every_base(bench, tra
     assert pair_cell({"pairs": out}).endswith("3 pairs)") and pair_cell({}) == "–"
     with pytest.raises(SystemExit, match="at least 2 base classes"):
         base_pairs(bundle, bench, judge, pjudge, n_pairs=3, samples=2, sample_steps=2, guidance=1.5, classes=1)
+    an = base_pairs(bundle, bench, judge, pjudge, n_pairs=5, samples=1, sample_steps=2, guidance=1.5, kinds=["animal"])
+    assert an["n_pairs"] == 2 and an["kinds"] == ["animal"] and {r["kinds"] for r in an["rows"]} == {"animal+animal"}
+    assert pair_cell({"pairs": an}).endswith("2 animal pairs)")
