@@ -69,7 +69,15 @@ def pair_cell(r: dict) -> str:
     if not pr:
         return "–"
     kinds = f" {'/'.join(pr['kinds'])}" if pr.get("kinds") else ""
-    return f"{pr['mean_both_2label']:.2f} (either {pr['mean_either']:.2f}; {pr['n_pairs']}{kinds} pairs)"
+    other = f"; another pair's {pr['mean_both_2label_other']:.2f}" if "mean_both_2label_other" in pr else ""
+    return f"{pr['mean_both_2label']:.2f} ({pr['n_pairs']}{kinds} pairs{other}; either {pr['mean_either']:.2f})"
+
+
+def pair_recipe(cfg: dict) -> str:
+    """The two-object part of a recipe (``PretrainConfig.pair_fraction`` / ``pair_kinds``) and its word tokens."""
+    frac = cfg.get("pair_fraction") or 0
+    out = f"{frac:g} ({'/'.join(cfg.get('pair_kinds') or []) or 'any'} pairs)" if frac else "–"
+    return out + ("; word tokens" if cfg.get("word_tokens") else "")
 
 
 def recipes_table(folder: str) -> str:
@@ -91,10 +99,11 @@ def recipes_table(folder: str) -> str:
                          f"{e['guidance']:g} | {e['by_kind'].get('animal', float('nan')):.2f} | "
                          f"{e['by_kind'].get('glyph', float('nan')):.2f} | {e['mean']:.2f} | "
                          f"{pair_cell(r) if e['guidance'] == r.get('chosen_guidance') else '–'} | "
-                         f"{(r.get('pretrain_config') or {}).get('pair_fraction', 0) or 0:g} | `{r['command']}` |"))
+                         f"{pair_recipe(r.get('pretrain_config') or {})} | `{r['command']}` |"))
     head = ("| base | UNet widths | steps | batch | samples seen | peak lr | threads | snr_gamma | pretraining wall min "
             "(its `pretrain.json`) | final loss (mean of last 100 steps) | CFG | animals (5) | glyphs (35) | all 40 | "
-            "base-class pairs: both found by the two-label judge (↑) | pair_fraction | command |\n|" + "---|" * 17)
+            "base-class pairs: both found by the two-label judge (↑; the same samples against another pair's classes) | two-object images in pretraining | command |\n|"
+            + "---|" * 17)
     return head + "\n" + "\n".join(r[-1] for r in sorted(rows, key=lambda x: x[:-1]))
 
 
@@ -111,27 +120,36 @@ def base_pairs(bundle, bench, judge, pair_judge, n_pairs: int, samples: int, sam
     if not every:
         raise SystemExit("--pairs: need at least 2 base classes (--classes)")
     chosen = np.random.default_rng(0).choice(len(every), min(n_pairs, len(every)), replace=False)
-    rows, shown = [], []
+    rows, shown, found = [], [], []
     for j in chosen:
         a, b = every[int(j)]
         x = sample(bundle, [PAIR_CAPTION.format(a=a.name, b=b.name)] * samples, seeds=list(range(samples)),
                    num_inference_steps=sample_steps, guidance_scale=guidance)
         top = judge.predict(x)
         shown.append(x[:8])
-        rows.append({"a": a.name, "b": b.name, "kinds": "+".join(sorted((a.kind, b.kind))),
-                     "both_2label": float(pair_judge.both(x, a.index, b.index).mean()),
+        found.append(pair_judge.found(x))
+        rows.append({"a": a.name, "b": b.name, "ia": a.index, "ib": b.index, "kinds": "+".join(sorted((a.kind, b.kind))),
+                     "both_2label": float((found[-1][:, a.index] & found[-1][:, b.index]).float().mean()),
                      "either": float(np.isin(top, [a.index, b.index]).mean())})
+    # the control: how often the same samples show both classes of another evaluated pair (one not asked for); a base
+    # that ignores which classes the pair prompt names scores the same on both
+    for r, f in zip(rows, found):
+        other = [(q["ia"], q["ib"]) for q in rows if {q["ia"], q["ib"]} != {r["ia"], r["ib"]}]
+        r["both_2label_other"] = float(np.mean([(f[:, i] & f[:, j]).float().mean() for i, j in other])) if other else float("nan")
     by_kinds = {k: float(np.mean([r["both_2label"] for r in rows if r["kinds"] == k])) for k in sorted({r["kinds"] for r in rows})}
     out = {"n_pairs": len(rows), "kinds": list(kinds or []), "samples": samples, "guidance": guidance, "rows": rows, "by_kinds": by_kinds,
            "mean_both_2label": float(np.mean([r["both_2label"] for r in rows])),
            "mean_either": float(np.mean([r["either"] for r in rows])),
+           "mean_both_2label_other": float(np.mean(ctl)) if (ctl := [r["both_2label_other"] for r in rows
+                                                                     if not np.isnan(r["both_2label_other"])]) else float("nan"),
            "pair_judge": {"dir": os.path.basename(pair_judge.path or ""), **pair_judge.meta["heldout"]}}
     if png:  # what the numbers are about: 8 samples of each of the first 12 pairs
         from stamina_core.eval.plots import sample_grid
 
         out["examples"] = sample_grid(shown[:12], [f"{r['a']} and {r['b']}: {r['both_2label']:.2f}" for r in rows[:12]],
                                       png, max_per_row=8, title="'a photo of a A and a B' (both found by the two-label judge)")
-    print(f"base-class pairs: both found {out['mean_both_2label']:.3f} {by_kinds}, either {out['mean_either']:.3f}", flush=True)
+    print(f"base-class pairs: both found {out['mean_both_2label']:.3f} {by_kinds} (another pair's classes: "
+          f"{out['mean_both_2label_other']:.3f}), either {out['mean_either']:.3f}", flush=True)
     return out
 
 

@@ -80,15 +80,15 @@ def test_recipes_table_has_one_row_per_recipe_and_scale(tmp_path, monkeypatch):
     put("cccc.json", 2400, 5.0, 800.0, [(1.5, 0.7, 0.6)], widths=[16, 48, 48])
     put("dddd.json", 3000, 5.0, 810.0, [(1.5, 0.6, 0.5), (1.0, 0.5, 0.4)], widths=[16, 48, 64])
     d = json.loads((tmp_path / "dddd.json").read_text())  # session 13: --pairs and the recipe's pair_fraction
-    d.update(chosen_guidance=1.5, pretrain_config={"pair_fraction": 0.25},
-             pairs={"mean_both_2label": 0.125, "mean_either": 0.5, "n_pairs": 40})
+    d.update(chosen_guidance=1.5, pretrain_config={"pair_fraction": 0.25, "pair_kinds": ["animal"], "word_tokens": True},
+             pairs={"mean_both_2label": 0.125, "mean_either": 0.5, "n_pairs": 40, "mean_both_2label_other": 0.0625})
     (tmp_path / "dddd.json").write_text(json.dumps(d))
     lines = base_quality.recipes_table(str(tmp_path)).splitlines()
     assert len(lines) == 8 and lines[0].startswith("| base | UNet widths | steps | batch | samples seen |")
     assert "two-label judge" in lines[0] and lines[0].count("|") == lines[1].count("|")
-    assert "| 1.5 | 0.60 | 0.50 | 0.50 | 0.12 (either 0.50; 40 pairs) | 0.25 |" in lines[7]
-    assert "| 1 | 0.50 | 0.40 | 0.40 | – | 0.25 |" in lines[6]
-    assert "| 0.81 | 0.66 | 0.66 | – | 0 |" in lines[5]
+    assert "| 1.5 | 0.60 | 0.50 | 0.50 | 0.12 (40 pairs; another pair's 0.06; either 0.50) | 0.25 (animal pairs); word tokens |" in lines[7]
+    assert "| 1 | 0.50 | 0.40 | 0.40 | – | 0.25 (animal pairs); word tokens |" in lines[6]
+    assert "| 0.81 | 0.66 | 0.66 | – | – |" in lines[5]
     assert lines[2].startswith("| `tiny-bbbb` | 32,64,64 | 1500 | 32 | 48000 | 0.001 | 2 | 5.0 | 12.0 | 0.0600 | 1 | 0.30 | 0.20 |")
     assert lines[4].startswith("| `tiny-cccc` | 16,48,48 | 2400 | 32 | 76800 | 0.001 | 2 | 5.0 | 13.3 | 0.0600 | 1.5 | 0.70 | 0.60 |")
     assert lines[5].startswith("| `tiny-aaaa` | 32,64,64 | 2400 | 32 | 76800 | 0.001 | 2 | – | 20.0 | 0.0600 | 1.5 | 0.81 | 0.66 |")

@@ -163,9 +163,26 @@ def test_base_pairs_scores_the_same_ordered_base_pairs_for_every_base(bench, tra
     assert all(0 <= r["both_2label"] <= 1 and r["kinds"] == "+".join(sorted((names[r["a"]], names[r["b"]])))
                for r in out["rows"])
     assert out["mean_both_2label"] == pytest.approx(np.mean([r["both_2label"] for r in out["rows"]]))
-    assert pair_cell({"pairs": out}).endswith("3 pairs)") and pair_cell({}) == "–"
+    assert all(0 <= r["both_2label_other"] <= 1 for r in out["rows"]) and 0 <= out["mean_both_2label_other"] <= 1
+    assert "3 pairs; another pair's" in pair_cell({"pairs": out}) and pair_cell({}) == "–"
     with pytest.raises(SystemExit, match="at least 2 base classes"):
         base_pairs(bundle, bench, judge, pjudge, n_pairs=3, samples=2, sample_steps=2, guidance=1.5, classes=1)
+    class SeesFirstTwo:  # a two-label judge that always finds base classes 0 and 1, whatever is drawn
+        meta, path = pjudge.meta, pjudge.path
+
+        def found(self, x):
+            f = torch.zeros(len(x), len(bench.classes), dtype=torch.bool)
+            f[:, [bench.base_classes[0].index, bench.base_classes[1].index]] = True
+            return f
+
+    fixed = base_pairs(bundle, bench, judge, SeesFirstTwo(), n_pairs=99, samples=1, sample_steps=2, guidance=1.5)
+    assert fixed["n_pairs"] == len(bench.base_classes) * (len(bench.base_classes) - 1)  # all ordered pairs
+    first_two = {bench.base_classes[0].name, bench.base_classes[1].name}
+    for r in fixed["rows"]:
+        asked = {r["a"], r["b"]} == first_two
+        assert r["both_2label"] == (1.0 if asked else 0.0)
+        others = [q for q in fixed["rows"] if {q["a"], q["b"]} != {r["a"], r["b"]}]
+        assert r["both_2label_other"] == pytest.approx(np.mean([{q["a"], q["b"]} == first_two for q in others]))
     an = base_pairs(bundle, bench, judge, pjudge, n_pairs=5, samples=1, sample_steps=2, guidance=1.5, kinds=["animal"])
     assert an["n_pairs"] == 2 and an["kinds"] == ["animal"] and {r["kinds"] for r in an["rows"]} == {"animal+animal"}
-    assert pair_cell({"pairs": an}).endswith("2 animal pairs)")
+    assert "2 animal pairs; another pair's nan" in pair_cell({"pairs": an})  # (a, b) and (b, a): no other pair
