@@ -64,8 +64,10 @@ TUNING_SECTIONS = {"tuning": "continual_tuning", "tuning-mask": "continual_tunin
                    "base15-tuning-mask": "continual_tuning_mask_base15"}
 # Result folders whose table has a section in RESULTS.md: the legacy-base tables (bench/results itself) and, since
 # session 11, the same protocol on the 15-minute default base (bench/results/base15); since session 12 the
-# multi-concept runs on the 5 animals (bench/results/base15-pairs).
-RESULTS_SECTIONS = {".": "continual", "base15": "continual_base15", "base15-pairs": "continual_pairs_base15"}
+# multi-concept runs on the 5 animals (bench/results/base15-pairs); since session 13 the same runs on the base that
+# composes its own animals (bench/results/pairbase-pairs).
+RESULTS_SECTIONS = {".": "continual", "base15": "continual_base15", "base15-pairs": "continual_pairs_base15",
+                    "pairbase-pairs": "continual_pairs_pairbase"}
 
 
 def _section(sections: dict[str, str], folder: str) -> str | None:
