@@ -69,7 +69,10 @@ def pair_cell(r: dict) -> str:
     if not pr:
         return "–"
     kinds = f" {'/'.join(pr['kinds'])}" if pr.get("kinds") else ""
+    if pr.get("template") and pr["template"] != "a photo of a {a} and a {b}":
+        kinds += f" '{pr['template']}'"
     other = f"; another pair's {pr['mean_both_2label_other']:.2f}" if "mean_both_2label_other" in pr else ""
+    other += f"; real pairs {pr['mean_real_both_2label']:.2f}" if "mean_real_both_2label" in pr else ""
     return f"{pr['mean_both_2label']:.2f} ({pr['n_pairs']}{kinds} pairs{other}; either {pr['mean_either']:.2f})"
 
 
@@ -102,17 +105,19 @@ def recipes_table(folder: str) -> str:
                          f"{pair_recipe(r.get('pretrain_config') or {})} | `{r['command']}` |"))
     head = ("| base | UNet widths | steps | batch | samples seen | peak lr | threads | snr_gamma | pretraining wall min "
             "(its `pretrain.json`) | final loss (mean of last 100 steps) | CFG | animals (5) | glyphs (35) | all 40 | "
-            "base-class pairs: both found by the two-label judge (↑; the same samples against another pair's classes) | two-object images in pretraining | command |\n|"
+            "base-class pairs: both found by the two-label judge (↑; the same samples against another pair's classes; real side-by-side images of the pairs) | two-object images in pretraining | command |\n|"
             + "---|" * 17)
     return head + "\n" + "\n".join(r[-1] for r in sorted(rows, key=lambda x: x[:-1]))
 
 
 def base_pairs(bundle, bench, judge, pair_judge, n_pairs: int, samples: int, sample_steps: int, guidance: float,
-               classes: int | None = None, kinds: list[str] | None = None, png: str | None = None) -> dict:
+               classes: int | None = None, kinds: list[str] | None = None, png: str | None = None,
+               template: str | None = None) -> dict:
     """``--pairs``: the two-label judge's "both found" on samples of N random ordered pairs of base classes (the same
     pairs for every base: rng seed 0), and ``either`` = the single-label judge's top class is one of the two."""
     import itertools
 
+    from stamina_core.eval.pair_judge import compose_pair
     from stamina_core.pretrain import PAIR_CAPTION
 
     base = [c for c in bench.base_classes[:classes] if not kinds or c.kind in kinds]
@@ -123,13 +128,17 @@ def base_pairs(bundle, bench, judge, pair_judge, n_pairs: int, samples: int, sam
     rows, shown, found = [], [], []
     for j in chosen:
         a, b = every[int(j)]
-        x = sample(bundle, [PAIR_CAPTION.format(a=a.name, b=b.name)] * samples, seeds=list(range(samples)),
+        x = sample(bundle, [(template or PAIR_CAPTION).format(a=a.name, b=b.name)] * samples, seeds=list(range(samples)),
                    num_inference_steps=sample_steps, guidance_scale=guidance)
         top = judge.predict(x)
         shown.append(x[:8])
         found.append(pair_judge.found(x))
+        ra, rb = bench.heldout_real(a), bench.heldout_real(b)
+        k = min(len(ra), len(rb), 64)
+        real = pair_judge.found(compose_pair(ra[:k], rb[:k], "side_by_side"))  # the judge's ceiling for this pair
         rows.append({"a": a.name, "b": b.name, "ia": a.index, "ib": b.index, "kinds": "+".join(sorted((a.kind, b.kind))),
                      "both_2label": float((found[-1][:, a.index] & found[-1][:, b.index]).float().mean()),
+                     "real_both_2label": float((real[:, a.index] & real[:, b.index]).float().mean()),
                      "either": float(np.isin(top, [a.index, b.index]).mean())})
     # the control: how often the same samples show both classes of another evaluated pair (one not asked for); a base
     # that ignores which classes the pair prompt names scores the same on both
@@ -137,9 +146,11 @@ def base_pairs(bundle, bench, judge, pair_judge, n_pairs: int, samples: int, sam
         other = [(q["ia"], q["ib"]) for q in rows if {q["ia"], q["ib"]} != {r["ia"], r["ib"]}]
         r["both_2label_other"] = float(np.mean([(f[:, i] & f[:, j]).float().mean() for i, j in other])) if other else float("nan")
     by_kinds = {k: float(np.mean([r["both_2label"] for r in rows if r["kinds"] == k])) for k in sorted({r["kinds"] for r in rows})}
-    out = {"n_pairs": len(rows), "kinds": list(kinds or []), "samples": samples, "guidance": guidance, "rows": rows, "by_kinds": by_kinds,
+    out = {"n_pairs": len(rows), "kinds": list(kinds or []), "template": template or PAIR_CAPTION, "samples": samples,
+           "guidance": guidance, "rows": rows, "by_kinds": by_kinds,
            "mean_both_2label": float(np.mean([r["both_2label"] for r in rows])),
            "mean_either": float(np.mean([r["either"] for r in rows])),
+           "mean_real_both_2label": float(np.mean([r["real_both_2label"] for r in rows])),
            "mean_both_2label_other": float(np.mean(ctl)) if (ctl := [r["both_2label_other"] for r in rows
                                                                      if not np.isnan(r["both_2label_other"])]) else float("nan"),
            "pair_judge": {"dir": os.path.basename(pair_judge.path or ""), **pair_judge.meta["heldout"]}}
@@ -149,7 +160,8 @@ def base_pairs(bundle, bench, judge, pair_judge, n_pairs: int, samples: int, sam
         out["examples"] = sample_grid(shown[:12], [f"{r['a']} and {r['b']}: {r['both_2label']:.2f}" for r in rows[:12]],
                                       png, max_per_row=8, title="'a photo of a A and a B' (both found by the two-label judge)")
     print(f"base-class pairs: both found {out['mean_both_2label']:.3f} {by_kinds} (another pair's classes: "
-          f"{out['mean_both_2label_other']:.3f}), either {out['mean_either']:.3f}", flush=True)
+          f"{out['mean_both_2label_other']:.3f}; real side-by-side images of the pair: {out['mean_real_both_2label']:.3f}), "
+          f"either {out['mean_either']:.3f}", flush=True)
     return out
 
 
@@ -172,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                    "('a photo of a A and a B', chosen CFG scale) with the two-label judge")
     p.add_argument("--pair-kinds", type=lambda v: [k for k in v.split(",") if k], default=[],
                    help="--pairs only among base classes of these kinds (comma-separated: animal, glyph)")
+    p.add_argument("--pair-template", default=None, help="prompt of a base-class pair ({a}, {b}: class names; default "
+                   "the pretraining pair caption 'a photo of a {a} and a {b}')")
     args = p.parse_args(argv)
+    if args.pair_template is not None and ("{a}" not in args.pair_template or "{b}" not in args.pair_template):
+        raise SystemExit(f"--pair-template: must contain {{a}} and {{b}}, got {args.pair_template!r}")
     if set(args.pair_kinds) - {"animal", "glyph"}:
         raise SystemExit(f"--pair-kinds: expected animal and/or glyph, got {','.join(args.pair_kinds)!r}")
     if args.pairs < 0:
@@ -219,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
 
         pairs = base_pairs(bundle, bench, judge, train_pair_judge(bench, cache_dir=cache), args.pairs, args.samples,
                            args.sample_steps, best["guidance"], args.classes, args.pair_kinds,
-                           png=os.path.splitext(args.out or os.path.join(RESULTS_DIR, "base_quality.json"))[0] + "-pairs.png")
+                           png=os.path.splitext(args.out or os.path.join(RESULTS_DIR, "base_quality.json"))[0] + "-pairs.png",
+                           template=args.pair_template)
     out = {"pretrain_config": pcfg.model_dump(mode="json"), "pairs": pairs,"base_dir": base_dir, "pretrain_config_hash": pcfg.hash(), "pretrain": pretrain_record(base_dir),
            "glyph_style": bcfg.glyph_style,
            "samples": args.samples, "sample_steps": args.sample_steps, "sweep": sweep, "chosen_guidance": best["guidance"],

@@ -135,7 +135,7 @@ def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, o
         idx = [tuple(sorted(rng.choice(T, 2, replace=False))) for _ in range(args.pairs)]
         pairs = evaluate_pairs(bundle, judge, [(classes[a], classes[b]) for a, b in idx],
                                n_samples=args.samples, seed=20_000 + seed, steps=args.sample_steps, guidance=args.guidance,
-                               pair_judge=pair_judge)
+                               pair_judge=pair_judge, template=args.pair_template)
     plot_run(acc, out_prefix, args.method, seed)
     if final_samples:
         sample_grid(final_samples["samples"], [c.slug for c in classes], f"{out_prefix}-seed{seed}-samples.png",
@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                         "in separate processes, e.g. two methods side by side); a seed already there is an error")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default min(2, cores); 1 when methods run side by side)")
     p.add_argument("--pairs", type=int, default=5, help="random concept pairs scored at the end")
+    p.add_argument("--pair-template", default="a photo of {a} and {b}",
+                   help="prompt of a concept pair ({a}, {b}: the two concept tokens)")
     p.add_argument("--tuning", action="store_true", help="run on the separate tuning concepts")
     p.add_argument("--kind", choices=["animal", "glyph"], default=None,
                    help="only concepts of this kind, in the seed's order (ablations; --concepts caps the count)")
@@ -329,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="only redraw each run's R heatmap and curves from the continual-*.json files in DIR (the "
                         "JSON keeps R; e.g. after a plotting fix)")
     args = p.parse_args(argv)
+    if "{a}" not in args.pair_template or "{b}" not in args.pair_template:
+        raise SystemExit(f"--pair-template: must contain {{a}} and {{b}}, got {args.pair_template!r}")
     if args.replot:
         if not os.path.isdir(args.replot):
             raise SystemExit(f"--replot: {args.replot} is not a folder of results")

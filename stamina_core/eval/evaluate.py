@@ -106,7 +106,7 @@ def evaluate_pairs(
     (``both_2label``, ``mean_both_2label``): the single-label rule finds both in under 8 % of real composites."""
     if "{a}" not in template or "{b}" not in template:
         raise ConfigError("template: must contain '{a}' and '{b}'")
-    out = {"pairs": [], "both": [], "either": [], "to_none": [], "n_samples": n_samples, "seed": seed}
+    out = {"pairs": [], "both": [], "either": [], "to_none": [], "n_samples": n_samples, "seed": seed, "template": template}
     for a, b in pairs:
         ta, tb = getattr(a, "token", None), getattr(b, "token", None)
         if not ta or not tb:

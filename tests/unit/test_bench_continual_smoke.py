@@ -19,6 +19,13 @@ def _bench_main():
     return mod
 
 
+def test_pair_template_is_checked_before_any_work(tmp_path):
+    mod = _bench_main()
+    with pytest.raises(SystemExit, match="--pair-template: must contain"):
+        mod["main"](["--smoke", "--pair-template", "a photo of {a}", "--results-dir", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("method", ["stamina", pytest.param("lora_seq", marks=pytest.mark.slow),
                                     pytest.param("clora", marks=pytest.mark.slow), "textual_inversion"])
 def test_three_concept_smoke(method, tmp_path):
@@ -48,6 +55,7 @@ def test_three_concept_smoke(method, tmp_path):
     assert 0.0 <= out["judge"]["accuracy"] <= 1.0
     # the pair is scored by both judges, and the two-label judge's validation is stored with the result
     assert 0.0 <= run["pairs"]["mean_both_2label"] <= 1.0 and len(run["pairs"]["both_2label"]) == 1
+    assert run["pairs"]["template"] == "a photo of {a} and {b}"  # --pair-template's default, stored with the scores
     assert 0.0 <= out["pair_judge"]["overlay_both_recall"] <= 1.0 and out["pair_judge"]["dir"].startswith("pair-judge-")
     for suffix in ("heatmap", "curves", "samples"):
         assert os.path.getsize(tmp_path / f"continual-{method}-seed0-{suffix}.png") > 1000

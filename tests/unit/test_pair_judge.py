@@ -164,6 +164,7 @@ def test_base_pairs_scores_the_same_ordered_base_pairs_for_every_base(bench, tra
                for r in out["rows"])
     assert out["mean_both_2label"] == pytest.approx(np.mean([r["both_2label"] for r in out["rows"]]))
     assert all(0 <= r["both_2label_other"] <= 1 for r in out["rows"]) and 0 <= out["mean_both_2label_other"] <= 1
+    assert all(0 <= r["real_both_2label"] <= 1 for r in out["rows"]) and "; real pairs " in pair_cell({"pairs": out})
     assert "3 pairs; another pair's" in pair_cell({"pairs": out}) and pair_cell({}) == "–"
     with pytest.raises(SystemExit, match="at least 2 base classes"):
         base_pairs(bundle, bench, judge, pjudge, n_pairs=3, samples=2, sample_steps=2, guidance=1.5, classes=1)
@@ -186,3 +187,14 @@ def test_base_pairs_scores_the_same_ordered_base_pairs_for_every_base(bench, tra
     an = base_pairs(bundle, bench, judge, pjudge, n_pairs=5, samples=1, sample_steps=2, guidance=1.5, kinds=["animal"])
     assert an["n_pairs"] == 2 and an["kinds"] == ["animal"] and {r["kinds"] for r in an["rows"]} == {"animal+animal"}
     assert "2 animal pairs; another pair's nan" in pair_cell({"pairs": an})  # (a, b) and (b, a): no other pair
+    seen = []
+    monkey = base_pairs.__globals__["sample"]
+    base_pairs.__globals__["sample"] = lambda b, prompts, **kw: seen.append(prompts[0]) or monkey(b, prompts, **kw)
+    try:
+        t = base_pairs(bundle, bench, judge, pjudge, n_pairs=1, samples=1, sample_steps=2, guidance=1.5,
+                       kinds=["animal"], template="{b} left of {a}")
+    finally:
+        base_pairs.__globals__["sample"] = monkey
+    r = t["rows"][0]
+    assert seen == [f"{r['b']} left of {r['a']}"] and t["template"] == "{b} left of {a}"
+    assert "'{b} left of {a}'" in pair_cell({"pairs": t})
