@@ -253,14 +253,20 @@ bench-pair-base: install
 	$(PY) bench/base_quality.py --base-set pair_fraction=0.5 --base-set pair_kinds=animal --base-set max_train_steps=4800 \
 	  --word-tokens $(PAIR_EVAL) --out $(PB)/base_quality-pairs0.5-animal-words-4800.json
 	$(PY) bench/base_quality.py --recipes-table $(PB) --section pair_base
+# the "-articles" rows ask for a pair the way the base's own pair captions do ("a photo of a A and a B")
+ARTICLES = --pair-template "a photo of a {a} and a {b}"
 PAIRSPB = $(PY) bench/continual.py --kind animal --concepts 5 --steps 300 --eval full --samples 32 --pairs 10 --threads 1 $(PAIR_BASE_4800) --seeds $(SEEDS15) $(ADD15) --results-dir bench/results/pairbase-pairs
 bench-continual-pairbase-pairs: install
 	@mkdir -p $(LOGS)
 	@( $(PAIRSPB) --method stamina --tag preserve $(STAMINA_LR15) --set preserve.weight=0.1 && \
 	   $(PAIRSPB) --method stamina $(STAMINA_LR15) && \
-	   $(PAIRSPB) --method clora $(CLORA_LR15) ) > $(LOGS)/pairbase-pairs-1.log 2>&1 & p1=$$!; \
+	   $(PAIRSPB) --method clora $(CLORA_LR15) && \
+	   $(PAIRSPB) --method stamina --tag preserve-articles $(STAMINA_LR15) --set preserve.weight=0.1 $(ARTICLES) \
+	 ) > $(LOGS)/pairbase-pairs-1.log 2>&1 & p1=$$!; \
 	 ( $(PAIRSPB) --method lora_seq --tag preserve $(LORA_LR15) --set preserve.weight=0.1 && \
-	   $(PAIRSPB) --method lora_seq $(LORA_LR15) ) > $(LOGS)/pairbase-pairs-2.log 2>&1 & p2=$$!; \
+	   $(PAIRSPB) --method lora_seq $(LORA_LR15) && \
+	   $(PAIRSPB) --method lora_seq --tag preserve-articles $(LORA_LR15) --set preserve.weight=0.1 $(ARTICLES) \
+	 ) > $(LOGS)/pairbase-pairs-2.log 2>&1 & p2=$$!; \
 	 wait $$p1; r1=$$?; wait $$p2; r2=$$?; \
 	 if [ $$r1 -ne 0 ] || [ $$r2 -ne 0 ]; then tail -n 20 $(LOGS)/pairbase-pairs-*.log; exit 1; fi
 	$(PY) bench/continual.py --results-table bench/results/pairbase-pairs
