@@ -233,7 +233,8 @@ bench-continual-base15-pairs: install
 # Session 13: can a base compose its own classes? Variants of the 15-minute recipe where part of the images are two
 # base classes side by side, captioned "a photo of a A and a B" (PretrainConfig.pair_fraction / pair_kinds; each
 # another base, cached). Each base draws the same 20 ordered pairs of its 5 animals (and the all-kinds bases 40 random
-# pairs of any classes), scored by the two-label judge. About 45 min on 2 cores from an empty cache (five bases).
+# pairs of any classes), scored by the two-label judge. About an hour from an empty cache (five bases) on session
+# 13's AVX-512 CPU, about twice that on the AVX2 machines of sessions 8-12.
 # Results in bench/results/pair-base, RESULTS.md "Multi-concept prompts". Only the last base (half of the images
 # animal pairs, word tokens, 4800 steps: over the 15-minute budget) composes its own animals clearly above the
 # control; bench-continual-pairbase-pairs runs the session-12 pairs protocol (PAIRS15) of learned animals on it.
@@ -252,6 +253,9 @@ bench-pair-base: install
 	  --out $(PB)/base_quality-pairs0.25-animal-words.json
 	$(PY) bench/base_quality.py --base-set pair_fraction=0.5 --base-set pair_kinds=animal --base-set max_train_steps=4800 \
 	  --word-tokens $(PAIR_EVAL) --out $(PB)/base_quality-pairs0.5-animal-words-4800.json
+	$(PY) bench/base_quality.py --base-set pair_fraction=0.5 --base-set pair_kinds=animal --base-set max_train_steps=4800 \
+	  --word-tokens $(PAIR_EVAL) --pair-template "a photo of {a} and {b}" \
+	  --out $(PB)/base_quality-pairs0.5-animal-words-4800-noarticles.json
 	$(PY) bench/base_quality.py --recipes-table $(PB) --section pair_base
 # the "-articles" rows ask for a pair the way the base's own pair captions do ("a photo of a A and a B")
 ARTICLES = --pair-template "a photo of a {a} and a {b}"

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
            # the chosen scale's figures at the top level (the layout readers of the single-scale file used)
            "guidance": best["guidance"], "rows": best["rows"], "by_kind": best["by_kind"],
            "wall_s": time.perf_counter() - t0, "machine": machine_info(),
-           "command": ("python bench/base_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()}
+           "command": ("python bench/base_quality.py " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()}
     dest = args.out or os.path.join(RESULTS_DIR, "base_quality.json")
     write_json(dest, out)
     if args.out is not None:
