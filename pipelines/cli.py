@@ -65,7 +65,8 @@ def cmd_pretrain(args) -> int:
 
     try:
         cfg = cli_config(args.test_config, args.steps, args.seed, args.threads, snr_gamma=args.snr_gamma,
-                         legacy=args.legacy, pair_fraction=args.pair_fraction)
+                         legacy=args.legacy, pair_fraction=args.pair_fraction,
+                         pair_kinds=[k for k in (args.pair_kinds or "").split(",") if k])
     except ValueError as e:  # --test-config with --legacy (config errors are ConfigError, handled by main)
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pair-fraction", type=float, default=None,
                    help="share of two-object images captioned 'a photo of a A and a B' (default 0; another value is "
                         "another base; RESULTS.md 'Multi-concept prompts')")
+    s.add_argument("--pair-kinds", default=None, help="with --pair-fraction: pair only these kinds (animal, glyph)")
     s.add_argument("--test-config", action="store_true", help="the seconds-long test configuration")
     s.set_defaults(func=cmd_pretrain)
 

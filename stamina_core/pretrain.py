@@ -16,6 +16,10 @@ reduction order and so the weights (another count is another base, another cache
 loaded 2-core machine two torch threads stall each other (measured 2026-11-26 at load ~5: 10 s/step with
 2 threads, 0.78 s/step with 1), so pretrain before starting other work. Timings: BENCHMARKS.md.
 
+Two-object pretraining (session 13, opt-in): ``pair_fraction`` replaces that share of the images by two base classes
+side by side captioned "a photo of a A and a B" (``pair_kinds``: from one kind only), so a base can learn to draw
+pairs; 0 (default) leaves every base as it was. RESULTS.md "A base that draws pairs of its own classes".
+
 The result is cached under ``cache_dir/tiny-<config hash>/`` in the ``DiffusionBundle.save`` layout
 plus ``pretrain.json`` (config, loss curve, timings) and ``done.json`` (sha256 of every file), written
 last. A folder without a valid ``done.json`` is never used: it is rebuilt.
@@ -450,10 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR loss weighting (PretrainConfig.snr_gamma)")
     p.add_argument("--pair-fraction", type=float, default=None, help="share of two-object captioned images "
                    "(PretrainConfig.pair_fraction; default 0)")
+    p.add_argument("--pair-kinds", default=None, help="with --pair-fraction: pair only these kinds (animal, glyph)")
     a = p.parse_args(argv)
     try:
         cfg = cli_config(a.tiny, a.max_train_steps, a.seed, a.threads, a.word_tokens, a.snr_gamma, a.legacy,
-                         a.pair_fraction)
+                         a.pair_fraction, [k for k in (a.pair_kinds or "").split(",") if k])
     except ValueError as e:
         raise SystemExit(str(e))
     print(pretrain_tiny(cfg, a.cache_dir or default_pretrained_dir(), progress=True))

@@ -180,6 +180,10 @@ def test_pretrain_cli_builds_a_validated_config(tmp_path, capsys, monkeypatch):
     assert cli_main(["pretrain-tiny", "--pair-fraction", "2", "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pair_fraction" in err
+    assert cli_main(["pretrain-tiny", "--pair-kinds", "animal", "--cache-dir", str(tmp_path)]) == 2  # needs a fraction
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pair_kinds" in err
+    assert pt.cli_config(pair_fraction=0.5, pair_kinds=["animal"]).pair_kinds == ["animal"]
     monkeypatch.setenv("STAMINA_CACHE", str(tmp_path / "root"))
     from components.model_io import default_cache_dir
 
