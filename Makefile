@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-slow test-all bench bench-base-quality bench-continual bench-continual-variants bench-continual-tune bench-continual-tune-mask bench-continual-tune-mask-base15 bench-continual-base15-mask bench-continual-base15-pairs bench-pair-base bench-continual-pairbase-pairs bench-pair-reference bench-continual-ablation bench-classification bench-pipeline pretrain stack-up stack-down clean
+.PHONY: install run test test-slow test-all bench bench-base-quality bench-continual bench-continual-variants bench-continual-tune bench-continual-tune-mask bench-continual-tune-mask-base15 bench-continual-base15-mask bench-continual-base15-pairs bench-pair-base bench-continual-pairbase-pairs bench-continual-pairbase-keep bench-pair-reference bench-continual-ablation bench-classification bench-pipeline pretrain stack-up stack-down clean
 
 install: $(STAMP)
 
@@ -274,6 +274,21 @@ bench-continual-pairbase-pairs: install
 	 wait $$p1; r1=$$?; wait $$p2; r2=$$?; \
 	 if [ $$r1 -ne 0 ] || [ $$r2 -ne 0 ]; then tail -n 20 $(LOGS)/pairbase-pairs-*.log; exit 1; fi
 	$(PY) bench/continual.py --results-table bench/results/pairbase-pairs
+
+# Session 13: does learning concepts keep what the base composes? The same runs as bench-continual-pairbase-pairs
+# (no -articles rows), each also asking for 20 ordered pairs of the base's own animals before the first concept and
+# after the last (--base-pairs). Results in bench/results/pairbase-keep; seeds in parts via SEEDS15/ADD15.
+PAIRSKEEP = $(PY) bench/continual.py --kind animal --concepts 5 --steps 300 --eval full --samples 32 --pairs 10 --base-pairs 20 --threads 1 $(PAIR_BASE_4800) --seeds $(SEEDS15) $(ADD15) --results-dir bench/results/pairbase-keep
+bench-continual-pairbase-keep: install
+	@mkdir -p $(LOGS)
+	@( $(PAIRSKEEP) --method stamina --tag preserve $(STAMINA_LR15) --set preserve.weight=0.1 && \
+	   $(PAIRSKEEP) --method stamina $(STAMINA_LR15) && \
+	   $(PAIRSKEEP) --method clora $(CLORA_LR15) ) > $(LOGS)/pairbase-keep-1.log 2>&1 & p1=$$!; \
+	 ( $(PAIRSKEEP) --method lora_seq --tag preserve $(LORA_LR15) --set preserve.weight=0.1 && \
+	   $(PAIRSKEEP) --method lora_seq $(LORA_LR15) ) > $(LOGS)/pairbase-keep-2.log 2>&1 & p2=$$!; \
+	 wait $$p1; r1=$$?; wait $$p2; r2=$$?; \
+	 if [ $$r1 -ne 0 ] || [ $$r2 -ne 0 ]; then tail -n 20 $(LOGS)/pairbase-keep-*.log; exit 1; fi
+	$(PY) bench/continual.py --results-table bench/results/pairbase-keep
 
 # Session 12: what the multi-concept column can measure: both judges' pair rules on real two-object composites of
 # every pair of the 50 concepts (RESULTS.md "Multi-concept prompts"); judge and two-label judge are cached.

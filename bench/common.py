@@ -115,12 +115,17 @@ def pairs_column(runs: list[dict]) -> str:
     """The multi-concept cell: the single-label judge's top-2 rule over every run with pairs and, for runs scored by
     the two-label judge too (since session 12), its both-found rate, e.g. '0.000 ± 0.000 / 2-label 0.125 (2 runs)'."""
     got = [x["pairs"] for x in runs if x.get("pairs")]
-    if not got:
-        return "–"
-    col = mean_std([p["mean_both"] for p in got])
-    two = [p["mean_both_2label"] for p in got if "mean_both_2label" in p]
-    if two:
-        col += f" / 2-label {mean_std(two)}" + (f" ({len(two)} of {len(got)} runs)" if len(two) < len(got) else "")
+    col = "–"
+    if got:
+        col = mean_std([p["mean_both"] for p in got])
+        two = [p["mean_both_2label"] for p in got if "mean_both_2label" in p]
+        if two:
+            col += f" / 2-label {mean_std(two)}" + (f" ({len(two)} of {len(got)} runs)" if len(two) < len(got) else "")
+    bp = [x["base_pairs"] for x in runs if x.get("base_pairs")]
+    if bp:  # --base-pairs (session 13): the base's own animal pairs before the first concept and after the last
+        col += (f"; base animals' pairs {mean_std([b['before']['mean_both_2label'] for b in bp])} → "
+                f"{mean_std([b['after']['mean_both_2label'] for b in bp])} (another pair's "
+                f"{mean_std([b['after']['mean_both_2label_other'] for b in bp])} after)")
     return col
 
 

@@ -67,7 +67,7 @@ TUNING_SECTIONS = {"tuning": "continual_tuning", "tuning-mask": "continual_tunin
 # multi-concept runs on the 5 animals (bench/results/base15-pairs); since session 13 the same runs on the base that
 # composes its own animals (bench/results/pairbase-pairs).
 RESULTS_SECTIONS = {".": "continual", "base15": "continual_base15", "base15-pairs": "continual_pairs_base15",
-                    "pairbase-pairs": "continual_pairs_pairbase"}
+                    "pairbase-pairs": "continual_pairs_pairbase", "pairbase-keep": "continual_pairs_keep"}
 
 
 def _section(sections: dict[str, str], folder: str) -> str | None:
@@ -91,6 +91,7 @@ def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, o
              pair_judge=None) -> dict:
     torch.manual_seed(seed)
     bundle = load_model(base_dir)
+    base_pairs_before = _base_pairs(args, bundle, bench, judge, pair_judge)
     pool = bench.tuning if args.tuning else bench.order(seed)
     if args.kind:  # ablations on one kind of concept (e.g. the animals the tiny base can draw)
         pool = [c for c in pool if c.kind == args.kind]
@@ -136,6 +137,7 @@ def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, o
         pairs = evaluate_pairs(bundle, judge, [(classes[a], classes[b]) for a, b in idx],
                                n_samples=args.samples, seed=20_000 + seed, steps=args.sample_steps, guidance=args.guidance,
                                pair_judge=pair_judge, template=args.pair_template)
+    base_pairs_after = _base_pairs(args, bundle, bench, judge, pair_judge)
     plot_run(acc, out_prefix, args.method, seed)
     if final_samples:
         sample_grid(final_samples["samples"], [c.slug for c in classes], f"{out_prefix}-seed{seed}-samples.png",
@@ -159,6 +161,7 @@ def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, o
         "summary_accuracy": acc.summaries(),
         "summary_kid": kid.summaries(),
         "pairs": pairs,
+        **({"base_pairs": {"before": base_pairs_before, "after": base_pairs_after}} if base_pairs_before else {}),
         "trainable_params_per_concept": int(np.mean([o.fold.trainable_params for o in outcomes])),
         "stored_bytes_per_concept": int(np.mean([o.stored_bytes() for o in outcomes])),
         "added_inference_params": int(max(o.fold.added_inference_params for o in outcomes)),
@@ -171,6 +174,20 @@ def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, o
         "wall_s": wall,
         "eval_wall_s": eval_wall[0],
     }
+
+
+def _base_pairs(args, bundle, bench, judge, pair_judge) -> dict | None:
+    """``--base-pairs N``: N ordered pairs of the base's animals asked in the pretraining pair caption, scored by the
+    two-label judge with base_quality's controls (another pair's classes; real pairs). Run on the base before the
+    first concept and on the model after the last: does learning concepts keep what the base could compose?"""
+    if not args.base_pairs:
+        return None
+    from bench.base_quality import base_pairs
+
+    out = base_pairs(bundle, bench, judge, pair_judge, args.base_pairs, 16, args.sample_steps, args.guidance,
+                     kinds=["animal"])
+    return {k: v for k, v in out.items() if k != "rows"} | {"rows": [{k: r[k] for k in ("a", "b", "both_2label")}
+                                                                    for r in out["rows"]]}
 
 
 def base_record(base_dir: str) -> dict:
@@ -312,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=5, help="random concept pairs scored at the end")
     p.add_argument("--pair-template", default="a photo of {a} and {b}",
                    help="prompt of a concept pair ({a}, {b}: the two concept tokens)")
+    p.add_argument("--base-pairs", type=int, default=0,
+                   help="also ask for N ordered pairs of the base's animals ('a photo of a A and a B') before the first "
+                        "concept and after the last, scored by the two-label judge (bench/base_quality.py --pairs)")
     p.add_argument("--tuning", action="store_true", help="run on the separate tuning concepts")
     p.add_argument("--kind", choices=["animal", "glyph"], default=None,
                    help="only concepts of this kind, in the seed's order (ablations; --concepts caps the count)")
@@ -381,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     ref = judge_reference(judge, bench)
     print(f"judge: held-out real accuracy {ref.get('accuracy', float('nan')):.3f}", flush=True)
     pair_judge = None
-    if args.pairs:  # multi-concept prompts are also scored by the two-label judge (validated on real composites)
+    if args.base_pairs < 0:
+        raise SystemExit(f"--base-pairs: expected a count >= 0, got {args.base_pairs}")
+    if args.pairs or args.base_pairs:  # multi-concept prompts are scored by the two-label judge (validated on real pairs)
         pair_judge = train_pair_judge(bench, cache_dir=args.cache_dir, cfg=pjcfg, progress=not args.smoke)
         v = pair_judge.meta["heldout"]
         print(f"pair judge: both found in {v['overlay_both_recall']:.3f} (overlay) / {v['side_by_side_both_recall']:.3f} "

@@ -32,7 +32,8 @@ def test_three_concept_smoke(method, tmp_path):
     mod = _bench_main()
     cache = tmp_path.parent / "bench-cache"  # shared by the parametrized cases: base + judge built once
     rc = mod["main"](["--smoke", "--method", method, "--concepts", "3", "--steps", "3", "--samples", "4",
-                      "--sample-steps", "2", "--pairs", "1", "--cache-dir", str(cache), "--results-dir", str(tmp_path)])
+                      "--sample-steps", "2", "--pairs", "1", "--base-pairs", "2", "--cache-dir", str(cache),
+                      "--results-dir", str(tmp_path)])
     assert rc == 0
     out = json.loads((tmp_path / f"continual-{method}.json").read_text())
     run = out["runs"][0]
@@ -56,6 +57,12 @@ def test_three_concept_smoke(method, tmp_path):
     # the pair is scored by both judges, and the two-label judge's validation is stored with the result
     assert 0.0 <= run["pairs"]["mean_both_2label"] <= 1.0 and len(run["pairs"]["both_2label"]) == 1
     assert run["pairs"]["template"] == "a photo of {a} and {b}"  # --pair-template's default, stored with the scores
+    # --base-pairs: the base's own animal pairs, on the base before the first concept and after the last
+    for when in ("before", "after"):
+        bp = run["base_pairs"][when]
+        assert bp["n_pairs"] == 2 and bp["kinds"] == ["animal"] and 0 <= bp["mean_both_2label"] <= 1
+    if method == "textual_inversion":  # a token method leaves the UNet and the base captions' tokens untouched
+        assert run["base_pairs"]["after"]["rows"] == run["base_pairs"]["before"]["rows"]
     assert 0.0 <= out["pair_judge"]["overlay_both_recall"] <= 1.0 and out["pair_judge"]["dir"].startswith("pair-judge-")
     for suffix in ("heatmap", "curves", "samples"):
         assert os.path.getsize(tmp_path / f"continual-{method}-seed0-{suffix}.png") > 1000
@@ -69,6 +76,7 @@ def test_three_concept_smoke(method, tmp_path):
     with redirect_stdout(buf):
         assert mod["main"](["--results-table", str(tmp_path)]) == 0
     assert f"| {method} | 3 | 1 |" in buf.getvalue()
+    assert "; base animals' pairs " in buf.getvalue()
 
 
 def test_seeds_run_apart_are_added_to_one_result_and_mismatches_refused(tmp_path):
