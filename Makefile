@@ -218,16 +218,19 @@ bench-continual-base15-mask: install
 # R, 32 samples) on the 15-minute base, 10 pairs each scored by both judges; each method at its base15 rates.
 # Two single-thread streams; results in bench/results/base15-pairs (RESULTS.md "Multi-concept prompts"). Seeds in
 # parts as for the preserve rows: SEEDS15=0, then SEEDS15=1,2 ADD15=--add-seeds.
+# The 5-animal pairs protocol as two single-thread streams: $(1) the bench command, $(2) the log name; $(3) / $(4):
+# rows appended to stream 1 / 2 ("&& command", or nothing).
+pair_streams = ( $(1) --method stamina --tag preserve $(STAMINA_LR15) --set preserve.weight=0.1 && \
+	   $(1) --method stamina $(STAMINA_LR15) && \
+	   $(1) --method clora $(CLORA_LR15) $(3) ) > $(LOGS)/$(2)-1.log 2>&1 & p1=$$!; \
+	 ( $(1) --method lora_seq --tag preserve $(LORA_LR15) --set preserve.weight=0.1 && \
+	   $(1) --method lora_seq $(LORA_LR15) $(4) ) > $(LOGS)/$(2)-2.log 2>&1 & p2=$$!; \
+	 wait $$p1; r1=$$?; wait $$p2; r2=$$?; \
+	 if [ $$r1 -ne 0 ] || [ $$r2 -ne 0 ]; then tail -n 20 $(LOGS)/$(2)-*.log; exit 1; fi
 PAIRS15 = $(PY) bench/continual.py --kind animal --concepts 5 --steps 300 --eval full --samples 32 --pairs 10 --threads 1 --seeds $(SEEDS15) $(ADD15) --results-dir bench/results/base15-pairs
 bench-continual-base15-pairs: install
 	@mkdir -p $(LOGS)
-	@( $(PAIRS15) --method stamina --tag preserve $(STAMINA_LR15) --set preserve.weight=0.1 && \
-	   $(PAIRS15) --method stamina $(STAMINA_LR15) && \
-	   $(PAIRS15) --method clora $(CLORA_LR15) ) > $(LOGS)/base15-pairs-1.log 2>&1 & p1=$$!; \
-	 ( $(PAIRS15) --method lora_seq --tag preserve $(LORA_LR15) --set preserve.weight=0.1 && \
-	   $(PAIRS15) --method lora_seq $(LORA_LR15) ) > $(LOGS)/base15-pairs-2.log 2>&1 & p2=$$!; \
-	 wait $$p1; r1=$$?; wait $$p2; r2=$$?; \
-	 if [ $$r1 -ne 0 ] || [ $$r2 -ne 0 ]; then tail -n 20 $(LOGS)/base15-pairs-*.log; exit 1; fi
+	@$(call pair_streams,$(PAIRS15),base15-pairs)
 	$(PY) bench/continual.py --results-table bench/results/base15-pairs
 
 # Session 13: can a base compose its own classes? Variants of the 15-minute recipe where part of the images are two
@@ -259,20 +262,12 @@ bench-pair-base: install
 	$(PY) bench/base_quality.py --recipes-table $(PB) --section pair_base
 # the "-articles" rows ask for a pair the way the base's own pair captions do ("a photo of a A and a B")
 ARTICLES = --pair-template "a photo of a {a} and a {b}"
+ART1 = && $(PAIRSPB) --method stamina --tag preserve-articles $(STAMINA_LR15) --set preserve.weight=0.1 $(ARTICLES)
+ART2 = && $(PAIRSPB) --method lora_seq --tag preserve-articles $(LORA_LR15) --set preserve.weight=0.1 $(ARTICLES)
 PAIRSPB = $(PY) bench/continual.py --kind animal --concepts 5 --steps 300 --eval full --samples 32 --pairs 10 --threads 1 $(PAIR_BASE_4800) --seeds $(SEEDS15) $(ADD15) --results-dir bench/results/pairbase-pairs
 bench-continual-pairbase-pairs: install
 	@mkdir -p $(LOGS)
-	@( $(PAIRSPB) --method stamina --tag preserve $(STAMINA_LR15) --set preserve.weight=0.1 && \
-	   $(PAIRSPB) --method stamina $(STAMINA_LR15) && \
-	   $(PAIRSPB) --method clora $(CLORA_LR15) && \
-	   $(PAIRSPB) --method stamina --tag preserve-articles $(STAMINA_LR15) --set preserve.weight=0.1 $(ARTICLES) \
-	 ) > $(LOGS)/pairbase-pairs-1.log 2>&1 & p1=$$!; \
-	 ( $(PAIRSPB) --method lora_seq --tag preserve $(LORA_LR15) --set preserve.weight=0.1 && \
-	   $(PAIRSPB) --method lora_seq $(LORA_LR15) && \
-	   $(PAIRSPB) --method lora_seq --tag preserve-articles $(LORA_LR15) --set preserve.weight=0.1 $(ARTICLES) \
-	 ) > $(LOGS)/pairbase-pairs-2.log 2>&1 & p2=$$!; \
-	 wait $$p1; r1=$$?; wait $$p2; r2=$$?; \
-	 if [ $$r1 -ne 0 ] || [ $$r2 -ne 0 ]; then tail -n 20 $(LOGS)/pairbase-pairs-*.log; exit 1; fi
+	@$(call pair_streams,$(PAIRSPB),pairbase-pairs,$(ART1),$(ART2))
 	$(PY) bench/continual.py --results-table bench/results/pairbase-pairs
 
 # Session 13: does learning concepts keep what the base composes? The same runs as bench-continual-pairbase-pairs
@@ -281,13 +276,7 @@ bench-continual-pairbase-pairs: install
 PAIRSKEEP = $(PY) bench/continual.py --kind animal --concepts 5 --steps 300 --eval full --samples 32 --pairs 10 --base-pairs 20 --threads 1 $(PAIR_BASE_4800) --seeds $(SEEDS15) $(ADD15) --results-dir bench/results/pairbase-keep
 bench-continual-pairbase-keep: install
 	@mkdir -p $(LOGS)
-	@( $(PAIRSKEEP) --method stamina --tag preserve $(STAMINA_LR15) --set preserve.weight=0.1 && \
-	   $(PAIRSKEEP) --method stamina $(STAMINA_LR15) && \
-	   $(PAIRSKEEP) --method clora $(CLORA_LR15) ) > $(LOGS)/pairbase-keep-1.log 2>&1 & p1=$$!; \
-	 ( $(PAIRSKEEP) --method lora_seq --tag preserve $(LORA_LR15) --set preserve.weight=0.1 && \
-	   $(PAIRSKEEP) --method lora_seq $(LORA_LR15) ) > $(LOGS)/pairbase-keep-2.log 2>&1 & p2=$$!; \
-	 wait $$p1; r1=$$?; wait $$p2; r2=$$?; \
-	 if [ $$r1 -ne 0 ] || [ $$r2 -ne 0 ]; then tail -n 20 $(LOGS)/pairbase-keep-*.log; exit 1; fi
+	@$(call pair_streams,$(PAIRSKEEP),pairbase-keep)
 	$(PY) bench/continual.py --results-table bench/results/pairbase-keep
 
 # Session 12: what the multi-concept column can measure: both judges' pair rules on real two-object composites of
