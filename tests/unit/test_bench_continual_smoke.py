@@ -79,6 +79,20 @@ def test_three_concept_smoke(method, tmp_path):
     assert "; base animals' pairs " in buf.getvalue()
 
 
+def test_base_pairs_do_not_change_what_is_trained(tmp_path):
+    """--base-pairs samples before the first concept: the run must train and score exactly as without it."""
+    mod = _bench_main()
+    cache = tmp_path.parent / "bench-cache"
+    args = ["--smoke", "--method", "stamina", "--concepts", "2", "--steps", "2", "--samples", "2", "--sample-steps", "2",
+            "--pairs", "0", "--cache-dir", str(cache)]
+    assert mod["main"](args + ["--results-dir", str(tmp_path / "plain")]) == 0
+    assert mod["main"](args + ["--base-pairs", "2", "--results-dir", str(tmp_path / "bp")]) == 0
+    plain = json.loads((tmp_path / "plain" / "continual-stamina.json").read_text())["runs"][0]
+    bp = json.loads((tmp_path / "bp" / "continual-stamina.json").read_text())["runs"][0]
+    assert "base_pairs" not in plain and bp["base_pairs"]["before"]["n_pairs"] == 2
+    assert bp["accuracy"]["R"] == plain["accuracy"]["R"] and bp["delta_fro"] == plain["delta_fro"]
+
+
 def test_seeds_run_apart_are_added_to_one_result_and_mismatches_refused(tmp_path):
     """--add-seeds: seeds run in separate processes end in one result file (mean ± std over all of them);
     a different setting or a repeated seed is refused instead of mixing incomparable runs."""
