@@ -70,7 +70,9 @@ def pair_cell(r: dict) -> str:
     if not pr:
         return "–"
     kinds = f" {'/'.join(pr['kinds'])}" if pr.get("kinds") else ""
-    if pr.get("template") and pr["template"] != "a photo of a {a} and a {b}":
+    from stamina_core.pretrain import PAIR_CAPTION
+
+    if pr.get("template") and pr["template"] != PAIR_CAPTION:
         kinds += f" '{pr['template']}'"
     other = f"; another pair's {pr['mean_both_2label_other']:.2f}" if "mean_both_2label_other" in pr else ""
     other += f"; real pairs {pr['mean_real_both_2label']:.2f}" if "mean_real_both_2label" in pr else ""
@@ -238,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                            args.sample_steps, best["guidance"], args.classes, args.pair_kinds,
                            png=os.path.splitext(args.out or os.path.join(RESULTS_DIR, "base_quality.json"))[0] + "-pairs.png",
                            template=args.pair_template)
-    out = {"pretrain_config": pcfg.model_dump(mode="json"), "pairs": pairs,"base_dir": base_dir, "pretrain_config_hash": pcfg.hash(), "pretrain": pretrain_record(base_dir),
+    out = {"pretrain_config": pcfg.model_dump(mode="json"), "pairs": pairs, "base_dir": base_dir,
+           "pretrain_config_hash": pcfg.hash(), "pretrain": pretrain_record(base_dir),
            "glyph_style": bcfg.glyph_style,
            "samples": args.samples, "sample_steps": args.sample_steps, "sweep": sweep, "chosen_guidance": best["guidance"],
            # the chosen scale's figures at the top level (the layout readers of the single-scale file used)

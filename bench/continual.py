@@ -88,10 +88,9 @@ def method_config(name: str, steps: int, overrides: dict | None = None, seed: in
 
 
 def run_seed(args, seed: int, bench: ContinualBenchmark, base_dir: str, judge, out_prefix: str,
-             pair_judge=None) -> dict:
+             pair_judge=None, base_pairs_before: dict | None = None) -> dict:
     torch.manual_seed(seed)
     bundle = load_model(base_dir)
-    base_pairs_before = _base_pairs(args, bundle, bench, judge, pair_judge)
     pool = bench.tuning if args.tuning else bench.order(seed)
     if args.kind:  # ablations on one kind of concept (e.g. the animals the tiny base can draw)
         pool = [c for c in pool if c.kind == args.kind]
@@ -417,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
                 "sample_steps": args.sample_steps, "guidance": args.guidance, "tuning": args.tuning,
                 "set": sorted(args.set), **({"kind": args.kind} if args.kind else {})}
     earlier = _earlier_runs(prefix + ".json", settings, seeds, os.path.basename(base_dir)) if args.add_seeds else None
-    runs = [run_seed(args, s, bench, base_dir, judge, prefix, pair_judge) for s in seeds]
+    # --base-pairs on the untouched base: the same for every seed, so asked once
+    before = _base_pairs(args, load_model(base_dir), bench, judge, pair_judge)
+    runs = [run_seed(args, s, bench, base_dir, judge, prefix, pair_judge, before) for s in seeds]
     base = base_record(base_dir)
     for r in runs:  # per run: a base rebuilt on another CPU family differs at rounding level (BENCHMARKS.md)
         r["base"] = base

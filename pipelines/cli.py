@@ -66,7 +66,7 @@ def cmd_pretrain(args) -> int:
     try:
         cfg = cli_config(args.test_config, args.steps, args.seed, args.threads, snr_gamma=args.snr_gamma,
                          legacy=args.legacy, pair_fraction=args.pair_fraction,
-                         pair_kinds=[k for k in (args.pair_kinds or "").split(",") if k])
+                         pair_kinds=args.pair_kinds)
     except ValueError as e:  # --test-config with --legacy (config errors are ConfigError, handled by main)
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -413,7 +413,7 @@ def _with_pairs(cfg: PretrainConfig, g, x, cid, idx, images, labels_t, pair_cid,
 def cli_config(test_config: bool = False, steps: int | None = None, seed: int | None = None,
                threads: int | None = None, word_tokens: bool = False, snr_gamma: float | None = None,
                legacy: bool = False, pair_fraction: float | None = None,
-               pair_kinds: list[str] | None = None) -> PretrainConfig:
+               pair_kinds: list[str] | str | None = None) -> PretrainConfig:
     """The config the CLIs build (``stamina pretrain-tiny``, ``python -m stamina_core.pretrain``), validated;
     ``legacy`` starts from the pre-session-10 default (``legacy_pretrain_config``)."""
     if test_config and legacy:
@@ -432,7 +432,7 @@ def cli_config(test_config: bool = False, steps: int | None = None, seed: int | 
         upd["snr_gamma"] = snr_gamma
     if pair_fraction is not None:
         upd["pair_fraction"] = pair_fraction
-    if pair_kinds:
+    if pair_kinds:  # a list, or "animal,glyph" as the CLIs pass it (PretrainConfig splits it)
         upd["pair_kinds"] = pair_kinds
     return parse(PretrainConfig, {**cfg.model_dump(), **upd}, source="pretrain")
 
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         cfg = cli_config(a.tiny, a.max_train_steps, a.seed, a.threads, a.word_tokens, a.snr_gamma, a.legacy,
-                         a.pair_fraction, [k for k in (a.pair_kinds or "").split(",") if k])
+                         a.pair_fraction, a.pair_kinds)
     except ValueError as e:
         raise SystemExit(str(e))
     print(pretrain_tiny(cfg, a.cache_dir or default_pretrained_dir(), progress=True))
